@@ -1,0 +1,362 @@
+"""LLaVA instruction data: JSON records -> (input_ids, labels, pixels), batching, and the
+modality-grouped length sampler (LLaVA-1.5 `group_by_modality_length`).
+
+A record is `{"id", "image"?: str | [str, ...], "conversations": [{"from", "value"}, ...]}`
+(LCS-558K, llava_v1_5_mix665k.json). Images are decoded in `__getitem__`, i.e. in DataLoader
+workers. Each `<image>` expands to its visual tokens (HF convention), so the sequence length is
+known before the vision tower runs and truncation can keep images whole: text after the last
+whole image is dropped; a sample whose first image does not fit is skipped and counted.
+
+Bad records (missing/corrupt image, malformed conversation, ...) never crash an epoch:
+`__getitem__` warns, counts the reason in `dataset.skipped` (per process: each DataLoader
+worker keeps its own count) and returns the next good record. data_prep.py finds them all
+up front in one pass.
+"""
+import json
+import os
+import warnings
+from collections import Counter
+
+import torch
+from PIL import Image
+
+from nanollava import anyres, conversation, image
+from nanollava.conversation import IGNORE_INDEX, IMAGE_TAG
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+
+def load_json(path):
+    """A LLaVA JSON file (a list of records); file-level errors name the file, line and column."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return records
+
+
+def record_images(rec):
+    """The record's image paths as a list ([] for text-only)."""
+    img = rec.get("image")
+    if img is None:
+        return []
+    if isinstance(img, str):
+        return [img]
+    if isinstance(img, list) and all(isinstance(p, str) for p in img):
+        return list(img)
+    raise ValueError(f"'image' must be a path or a list of paths, got {img!r:.80}")
+
+
+def check_record(rec):
+    """Raise ValueError naming the problem if a record is malformed (images are not opened)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"record must be a JSON object, got {type(rec).__name__}")
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise ValueError("record has no 'conversations' list")
+    conversation._check(conv, "vicuna_v1")        # alternating human/gpt, ending with gpt
+    for t, turn in enumerate(conv):
+        if turn["from"] == "gpt" and not turn["value"].strip():
+            raise ValueError(f"turn {t}: empty assistant reply")
+        if turn["from"] == "gpt" and IMAGE_TAG in turn["value"]:
+            raise ValueError(f"turn {t}: {IMAGE_TAG} in an assistant reply")
+    images = record_images(rec)
+    n_tags = sum(turn["value"].count(IMAGE_TAG) for turn in conv)
+    if n_tags and not images:
+        raise ValueError(f"{IMAGE_TAG} in a record without an image")
+    if images and not n_tags:
+        raise ValueError(f"record has {len(images)} image(s) but no {IMAGE_TAG} tag")
+    if n_tags > len(images):
+        raise ValueError(f"more {IMAGE_TAG} tags ({n_tags}) than images ({len(images)})")
+    if n_tags < len(images):
+        raise ValueError(f"fewer {IMAGE_TAG} tags ({n_tags}) than images ({len(images)})")
+    return images
+
+
+def image_path(image_folder, rel):
+    """Absolute path of an image; refuses paths that escape `image_folder` (`../`, absolute)."""
+    root = os.path.realpath(image_folder)
+    path = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"image path {rel!r} escapes the image folder {image_folder}")
+    return path
+
+
+def open_image(path):
+    """Open and fully decode an image; clear errors for missing, empty, corrupt or 0-size files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"image file is empty (0 bytes): {path}")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError ...
+        raise ValueError(f"unreadable or corrupt image {path}: {e}") from None
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"image has zero size ({img.width}x{img.height}): {path}")
+    return img
+
+
+def image_spans(input_ids, image_token_id, image_counts=None):
+    """[(start, end), ...] of each image's run of visual tokens. image_counts (tokens per image)
+    separates adjacent images; without it each maximal run of image tokens is one image."""
+    spans, j, k = [], 0, 0
+    while j < len(input_ids):
+        if input_ids[j] != image_token_id:
+            j += 1
+            continue
+        if image_counts is not None:
+            end = j + image_counts[k]
+        else:
+            end = j
+            while end < len(input_ids) and input_ids[end] == image_token_id:
+                end += 1
+        spans.append((j, end))
+        j, k = end, k + 1
+    return spans
+
+
+def truncate(input_ids, labels, image_token_id, max_length, image_counts=None):
+    """Cut to max_length without splitting an image's run of visual tokens.
+
+    A cut inside an image moves back to that image's start (text after the last whole image is
+    dropped). Returns (input_ids, labels, n_images_kept), or None when the first image does not
+    fit or nothing supervised is left.
+    """
+    spans = image_spans(input_ids, image_token_id, image_counts)
+    cut = min(len(input_ids), max_length)
+    for k, (start, end) in enumerate(spans):
+        if start < cut < end:
+            if k == 0:
+                return None
+            cut = start
+    input_ids, labels = input_ids[:cut], labels[:cut]
+    if all(lab == IGNORE_INDEX for lab in labels):
+        return None
+    return input_ids, labels, sum(end <= cut for _, end in spans)
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset
+
+class LLaVADataset(torch.utils.data.Dataset):
+    """LLaVA-format JSON + image folder -> dict(input_ids, labels, pixel_values, image_sizes).
+
+    template: "plain" (stage 1) or "vicuna_v1" (stage 2); images use config.image_aspect_ratio.
+    index: data_prep's X.index.json (exact token lengths for the sampler), found next to X.json
+    when not given; without one, lengths are estimated from word counts as LLaVA's
+    `modality_lengths` does.
+    """
+
+    def __init__(self, json_path, image_folder, tokenizer, config, template=None, max_length=2048,
+                 index=None, mode=None):
+        self.json_path = json_path
+        self.records = load_json(json_path)
+        self.image_folder = image_folder
+        self.tok = tokenizer
+        self.config = config
+        self.template = template or config.template
+        self.mode = mode or config.image_aspect_ratio
+        self.max_length = max_length
+        self.skipped = Counter()
+        self._index = None
+        if index is None and os.path.isfile(os.path.splitext(json_path)[0] + ".index.json"):
+            index = os.path.splitext(json_path)[0] + ".index.json"   # written by data_prep.py
+        if index is not None:
+            with open(index, encoding="utf-8") as f:
+                self._index = json.load(f)["records"]
+            if len(self._index) != len(self.records):
+                raise ValueError(f"{index} describes {len(self._index)} records but {json_path} "
+                                 f"has {len(self.records)}; rerun data_prep.py")
+
+    def __len__(self):
+        return len(self.records)
+
+    @property
+    def lengths(self):
+        """Signed lengths for LengthGroupedSampler: +tokens for samples with images, -tokens text-only."""
+        n_img = self.config.num_image_tokens     # crop/pad count (an estimate for anyres)
+        out = []
+        for i, rec in enumerate(self.records):
+            if self._index is not None:
+                n_images, text = self._index[i]["n_images"], self._index[i]["text_tokens"]
+            else:
+                n_images = len(rec.get("image") or []) if isinstance(rec.get("image"), list) \
+                    else int("image" in rec)
+                conv = rec.get("conversations") or []
+                text = sum(len(str(t.get("value", "")).split()) for t in conv if isinstance(t, dict))
+            length = max(1, min(self.max_length, text + n_images * n_img))
+            out.append(length if n_images else -length)
+        return out
+
+    def load(self, i):
+        """Record i -> sample dict; raises ValueError / FileNotFoundError on a bad record."""
+        rec = self.records[i]
+        paths = [image_path(self.image_folder, p) for p in check_record(rec)]
+        imgs = [open_image(p) for p in paths]
+        sizes = [(im.height, im.width) for im in imgs]
+        counts = [image.num_image_tokens(s, self.mode, self.config) for s in sizes]
+        ids, labels = conversation.tokenize(rec["conversations"], self.tok, self.template, counts)
+        kept = truncate(ids, labels, self.tok.image_token_id if imgs else -1, self.max_length, counts)
+        if kept is None:
+            raise ValueError(f"does not fit in max_length={self.max_length} without splitting "
+                             "its first image or losing every supervised token")
+        ids, labels, n = kept
+        size = self.config.vision.image_size
+        pixels = [image.process(im, self.mode, size, config=self.config)[0] for im in imgs[:n]]
+        return dict(input_ids=torch.tensor(ids, dtype=torch.long),
+                    labels=torch.tensor(labels, dtype=torch.long),
+                    # (n, 3, H, W); anyres: (n, max views, 3, H, W), zero-padded views
+                    pixel_values=(None if not pixels else anyres.pad_views(pixels) if self.mode == "anyres"
+                                  else torch.stack(pixels)),
+                    image_sizes=sizes[:n])
+
+    def __getitem__(self, i):
+        for k in range(len(self.records)):
+            j = (i + k) % len(self.records)
+            try:
+                return self.load(j)
+            except (ValueError, FileNotFoundError, OSError) as e:
+                reason = str(e)
+                self.skipped[type(e).__name__] += 1
+                rid = self.records[j].get("id", j) if isinstance(self.records[j], dict) else j
+                warnings.warn(f"{self.json_path}: skipping record {j} (id {rid}): {reason}", stacklevel=2)
+        raise RuntimeError(f"{self.json_path}: no usable record")
+
+
+def collate(batch, pad_id, ignore_index=IGNORE_INDEX):
+    """Right-pad a list of samples into a batch (None entries are dropped).
+
+    Returns dict(input_ids (B, T), labels (B, T), attention_mask (B, T), pixel_values (N, 3, H, W)
+    or None, image_sizes (N, 2) as (height, width) or None); images in row-major order.
+    """
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        raise ValueError("collate got an empty batch")
+    T = max(len(b["input_ids"]) for b in batch)
+    B = len(batch)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), ignore_index, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for r, b in enumerate(batch):
+        n = len(b["input_ids"])
+        input_ids[r, :n] = b["input_ids"]
+        labels[r, :n] = b["labels"]
+        attention_mask[r, :n] = 1
+    pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
+    sizes = [s for b in batch for s in b["image_sizes"]]
+    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                pixel_values=(None if not pixels else anyres.pad_views(pixels) if pixels[0].dim() == 5
+                              else torch.cat(pixels)),
+                image_sizes=torch.tensor(sizes, dtype=torch.long) if sizes else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampler (LLaVA train/llava_trainer.py: get_modality_length_grouped_indices)
+
+def split_to_even_chunks(indices, lengths, num_chunks):
+    """Split a megabatch into num_chunks chunks of (nearly) equal total length (one per rank)."""
+    if len(indices) % num_chunks != 0:
+        return [indices[i::num_chunks] for i in range(num_chunks)]
+    per_chunk = len(indices) // num_chunks
+    chunks = [[] for _ in range(num_chunks)]
+    totals = [0] * num_chunks
+    for i in indices:
+        c = min((k for k in range(num_chunks) if len(chunks[k]) < per_chunk), key=lambda k: totals[k])
+        chunks[c].append(i)
+        totals[c] += lengths[i]
+    return chunks
+
+
+def length_grouped_megabatches(lengths, batch_size, world_size, generator):
+    """Shuffle, cut into megabatches of world_size * batch_size, sort each by length (longest first)."""
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    mb = world_size * batch_size
+    megabatches = [sorted(perm[i:i + mb], key=lambda j: lengths[j], reverse=True)
+                   for i in range(0, len(perm), mb)]
+    return megabatches
+
+
+def modality_length_grouped_megabatches(lengths, batch_size, world_size, generator):
+    """LLaVA `group_by_modality_length`: multimodal (length > 0) and text-only (< 0) samples form
+    separate megabatches, which are shuffled together; the two leftovers form a last megabatch.
+    With a single modality this is plain length grouping."""
+    if all(l > 0 for l in lengths) or all(l < 0 for l in lengths):
+        return length_grouped_megabatches([abs(l) for l in lengths], batch_size, world_size, generator)
+    groups = []
+    for sign in (1, -1):
+        idx = [i for i, l in enumerate(lengths) if l * sign > 0]
+        mbs = length_grouped_megabatches([abs(lengths[i]) for i in idx], batch_size, world_size, generator)
+        groups.append([[idx[j] for j in mb] for mb in mbs])
+    (mm, lang) = groups
+    leftover = sorted(mm[-1] + lang[-1], key=lambda j: abs(lengths[j]), reverse=True)
+    megabatches = mm[:-1] + lang[:-1]
+    order = torch.randperm(len(megabatches), generator=generator).tolist()
+    megabatches = [megabatches[k] for k in order]
+    # the leftover may exceed one megabatch (two partial ones): cut it to size
+    mb = world_size * batch_size
+    megabatches += [leftover[i:i + mb] for i in range(0, len(leftover), mb)]
+    return megabatches
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Modality- and length-grouped sampling, deterministic in (seed, epoch), resumable mid-epoch.
+
+    lengths: signed (see LLaVADataset.lengths). Each megabatch of world_size * batch_size indices
+    is sorted by length and split into world_size even chunks; rank r gets chunk r of every
+    megabatch, so every rank's batches hold similar lengths. With world_size > 1 an incomplete
+    last megabatch is dropped so all ranks take the same number of steps.
+
+    Resume: `set_epoch(epoch, start_index=k)` skips this rank's first k samples of the epoch
+    (k = batches consumed * batch_size); `state_dict()` / `load_state_dict()` round-trip that.
+    group_by_length=False gives a plain seeded shuffle.
+    """
+
+    def __init__(self, lengths, batch_size, world_size=1, rank=0, seed=0, group_by_length=True):
+        if any(l == 0 for l in lengths):
+            raise ValueError("sample lengths must be non-zero (positive: with image, negative: text-only)")
+        self.lengths = list(lengths)
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.seed, self.group_by_length = seed, group_by_length
+        self.epoch, self.start_index = 0, 0
+
+    def set_epoch(self, epoch, start_index=0):
+        self.epoch, self.start_index = epoch, start_index
+
+    def state_dict(self):
+        return dict(seed=self.seed, epoch=self.epoch, start_index=self.start_index)
+
+    def load_state_dict(self, state):
+        self.seed, self.epoch, self.start_index = state["seed"], state["epoch"], state["start_index"]
+
+    def indices(self):
+        """This rank's full index order for the current epoch."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.group_by_length:
+            megabatches = modality_length_grouped_megabatches(
+                self.lengths, self.batch_size, self.world_size, g)
+        else:
+            perm = torch.randperm(len(self.lengths), generator=g).tolist()
+            mb = self.world_size * self.batch_size
+            megabatches = [perm[i:i + mb] for i in range(0, len(perm), mb)]
+        if self.world_size == 1:
+            return [i for mb in megabatches for i in mb]
+        full = [mb for mb in megabatches if len(mb) == self.world_size * self.batch_size]
+        abs_len = [abs(l) for l in self.lengths]
+        return [i for mb in full for i in split_to_even_chunks(mb, abs_len, self.world_size)[self.rank]]
+
+    def __len__(self):
+        if self.world_size == 1:
+            return len(self.lengths) - self.start_index
+        n_full = len(self.lengths) // (self.world_size * self.batch_size)
+        return n_full * self.batch_size - self.start_index
+
+    def __iter__(self):
+        return iter(self.indices()[self.start_index:])

@@ -1,0 +1,277 @@
+"""
+Toy-only pretraining: the tiny CLIP-style ViT and the tiny LLaMA that the toy LLaVA starts from.
+
+NOT part of LLaVA. LLaVA-1.5 starts from a pretrained CLIP ViT-L/14-336 and a pretrained
+Vicuna; the toy has neither, so this script makes tiny stand-ins from the easy-vqa TRAIN split
+only (the test split is never read):
+
+  (a) vision  nanollava.clip.CLIPVisionTower, supervised: two linear heads name the shape and
+              the colour of each training image (parsed from its stage-1 caption) from the
+              MEAN-POOLED PATCH TOKENS OF LAYER -2, the very features LLaVA's projector reads,
+              so those patch tokens carry shape and colour. Blocks after layer -2 and
+              post_layernorm stay at initialisation (LLaVA never runs them).
+  (b) text    nanollava.llama.LlamaForCausalLM, next-token prediction on the data's text:
+              the stage-1 captions and the stage-2 conversations in the vicuna_v1 format with
+              the images left out (a tiny "Vicuna": it knows the chat format and the words,
+              not the pictures), packed into fixed-length blocks.
+
+Both are saved as HuggingFace-format directories: config.json + model.safetensors with the
+CLIPVisionModel (`vision_model.*`) and LlamaForCausalLM (`model.*`, `lm_head.*`) keys, plus
+the tokenizer next to the LLaMA (as Vicuna ships one). transformers loads them, and
+train.py reads them through nanollava.checkpoint.load_llava_from_parts, the same code path as
+real CLIP and Vicuna weights. Sizes and step counts: nanollava/toy.py.
+
+    python pretrain_toy.py                         # data/toy -> out/toy/clip, out/toy/llama
+    python pretrain_toy.py --vision-steps 20 --text-steps 20 --out /tmp/toy   # quick check
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from nanollava import conversation, toy
+from nanollava import image as image_lib
+from nanollava.clip import CLIPVisionTower
+from nanollava.llama import LlamaForCausalLM
+from nanollava.tokenizer import Tokenizer
+
+
+# -----------------------------------------------------------------------------
+# shared bits
+
+def lr_at(step, total, peak, warmup_frac=0.05):
+    """Linear warmup then cosine decay to 10% of peak (the LLaVA schedule shape)."""
+    warmup = max(1, int(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def adamw(model, lr, weight_decay):
+    """AdamW with weight decay on matrices only (not on norms, biases, embeddings of size 1-D)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def save_hf(state, config, out_dir):
+    """config.json + model.safetensors, the layout transformers' from_pretrained reads."""
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()},
+              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
+def read_records(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run `python data_prep.py` first")
+    with open(path) as f:
+        return json.load(f)
+
+
+class Log:
+    """One JSON line per logged step (metrics.jsonl style) + a one-line print."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.f = open(path, "w")
+
+    def __call__(self, **row):
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+
+# -----------------------------------------------------------------------------
+# (a) the vision tower
+
+def caption_labels(caption):
+    """(shape index, colour index) named by a caption, -100 (ignored) for what it does not name."""
+    words = caption.lower().rstrip(".").split()
+    shape = next((toy.SHAPES.index(w) for w in words if w in toy.SHAPES), -100)
+    color = next((toy.COLORS.index(w) for w in words if w in toy.COLORS), -100)
+    return shape, color
+
+
+def load_labelled_images(records, image_folder, config):
+    """Stage-1 records -> pixels (N, 3, S, S) via nanollava.image (pad, as train/eval), labels (N, 2)."""
+    pixels, labels = [], []
+    for r in records:
+        caption = r["conversations"][1]["value"]
+        shape, color = caption_labels(caption)
+        if shape == color == -100:
+            continue
+        path = os.path.join(image_folder, r["image"])
+        with Image.open(path) as im:
+            x, _ = image_lib.process(im.convert("RGB"), mode="pad", image_size=config.image_size)
+        pixels.append(x)
+        labels.append((shape, color))
+    if not pixels:
+        raise ValueError("no stage-1 caption names a shape or a colour: is this the toy stage1.json?")
+    return torch.stack(pixels), torch.tensor(labels)
+
+
+class ShapeColorProbe(nn.Module):
+    """CLIPVisionTower + linear shape / colour heads on mean-pooled layer -2 patch tokens."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.tower = CLIPVisionTower(config)
+        emb = self.tower.vision_model.embeddings          # HF CLIP's init (nn.Embedding's N(0, 1) would
+        nn.init.normal_(emb.position_embedding.weight, std=0.02)     # drown the patch content)
+        nn.init.normal_(emb.class_embedding, std=config.hidden_size ** -0.5)
+        self.shape_head = nn.Linear(config.hidden_size, len(toy.SHAPES))
+        self.color_head = nn.Linear(config.hidden_size, len(toy.COLORS))
+
+    def forward(self, pixel_values):
+        """Shape and colour logits of every patch token at layer -2: (N, P, 3), (N, P, 8)."""
+        feats = self.tower(pixel_values, feature_layer=-2, select_strategy="default")   # (N, P, C)
+        return self.shape_head(feats), self.color_head(feats)
+
+
+def pretrain_vision(args, records):
+    config = toy.vision_config()
+    hp = dict(toy.VISION_PRETRAIN, steps=args.vision_steps or toy.VISION_PRETRAIN["steps"])
+    t0 = time.time()
+    pixels, labels = load_labelled_images(records, os.path.join(args.data, "images"), config)
+    print(f"vision: {len(pixels)} train images, {config.image_size}px, patch {config.patch_size} -> "
+          f"{(config.image_size // config.patch_size) ** 2} patch tokens ({time.time() - t0:.1f}s to load)")
+    torch.manual_seed(args.seed)
+    model = ShapeColorProbe(config)
+    opt = adamw(model, hp["lr"], hp["weight_decay"])
+    gen = torch.Generator().manual_seed(args.seed)
+    log = Log(os.path.join(args.out, "pretrain_vision.jsonl"))
+    order, pos = torch.randperm(len(pixels), generator=gen), 0
+    stats, seen = torch.zeros(2), 0
+    t0 = time.time()
+    for step in range(hp["steps"]):
+        if pos + hp["batch_size"] > len(order):                 # next epoch
+            order, pos = torch.randperm(len(pixels), generator=gen), 0
+        idx = order[pos:pos + hp["batch_size"]]
+        pos += hp["batch_size"]
+        x, y = pixels[idx], labels[idx]
+        # augmentation: horizontal flips keep shape and colour
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, hp["steps"], hp["lr"])
+        shape_logits, color_logits = model(x)                   # (N, P, 3), (N, P, 8)
+        # every patch token must name the image's shape and colour (not just the ones it covers)
+        P = shape_logits.shape[1]
+        loss = (F.cross_entropy(shape_logits.flatten(0, 1), y[:, 0].repeat_interleave(P), ignore_index=-100)
+                + F.cross_entropy(color_logits.flatten(0, 1), y[:, 1].repeat_interleave(P), ignore_index=-100))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        # accuracy of the mean-pooled prediction (what a linear probe on the averaged tokens says)
+        shape_ok = (shape_logits.mean(1).argmax(-1) == y[:, 0]) | (y[:, 0] < 0)
+        color_ok = (color_logits.mean(1).argmax(-1) == y[:, 1]) | (y[:, 1] < 0)
+        stats += torch.stack([shape_ok, color_ok]).float().sum(1)
+        seen += len(y)
+        log(step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"], shape_acc=float(shape_ok.float().mean()),
+            color_acc=float(color_ok.float().mean()))
+        if step % 25 == 0 or step == hp["steps"] - 1:
+            print(f"vision step {step:4d}/{hp['steps']} | loss {loss.item():.4f} | train acc shape "
+                  f"{stats[0] / seen:.3f} colour {stats[1] / seen:.3f} | {time.time() - t0:.1f}s")
+            stats, seen = torch.zeros(2), 0
+    out = os.path.join(args.out, "clip")
+    config_json = dict(config.to_hf(), architectures=["CLIPVisionModel"], torch_dtype="float32")
+    save_hf(model.tower.state_dict(), config_json, out)   # keys vision_model.* (HF CLIPVisionModel)
+    print(f"vision: saved {out} ({sum(p.numel() for p in model.tower.parameters()) / 1e6:.2f}M params, "
+          f"{time.time() - t0:.1f}s)")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# (b) the language model
+
+def text_corpus(stage1, stage2, tok):
+    """One long token stream: each caption and each conversation (images left out) as a document."""
+    stream = []
+    for r in stage1:
+        stream += [tok.bos_id] + tok.encode(r["conversations"][1]["value"]) + [tok.eos_id]
+    for r in stage2:
+        turns = [dict(t, value=t["value"].replace(conversation.IMAGE_TAG, "").strip()) for t in r["conversations"]]
+        ids, _ = conversation.tokenize(turns, tok, template="vicuna_v1", num_image_tokens=0)
+        stream += ids
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def pretrain_text(args, stage1, stage2):
+    tok = Tokenizer.from_file(os.path.join(args.data, "tokenizer.json"))
+    config = toy.text_config(tok)
+    hp = dict(toy.TEXT_PRETRAIN, steps=args.text_steps or toy.TEXT_PRETRAIN["steps"])
+    data = text_corpus(stage1, stage2, tok)
+    B, T = hp["batch_size"], hp["block_size"]
+    print(f"text: {len(data) / 1e3:.0f}K train tokens, vocab {len(tok)}; {hp['steps']} steps x {B}x{T} tokens "
+          f"= {hp['steps'] * B * T / len(data):.2f} epochs")
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config)
+    opt = adamw(model, hp["lr"], hp["weight_decay"])
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    log = Log(os.path.join(args.out, "pretrain_text.jsonl"))
+    t0 = time.time()
+    for step in range(hp["steps"]):
+        starts = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
+        chunk = torch.stack([data[s:s + T + 1] for s in starts])     # (B, T+1)
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, hp["steps"], hp["lr"])
+        logits = model(x)                                              # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        dt = time.time() - t0
+        log(step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"], tokens_per_s=(step + 1) * B * T / dt)
+        if step % 25 == 0 or step == hp["steps"] - 1:
+            print(f"text step {step:4d}/{hp['steps']} | loss {loss.item():.4f} | {(step + 1) * B * T / dt:.0f} tok/s"
+                  f" | {dt:.1f}s")
+    out = os.path.join(args.out, "llama")
+    config_json = dict(config.to_hf(), architectures=["LlamaForCausalLM"], torch_dtype="float32")
+    save_hf(model.state_dict(), config_json, out)                      # keys model.*, lm_head.weight
+    shutil.copyfile(os.path.join(args.data, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+    print(f"text: saved {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"{time.time() - t0:.1f}s)")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=toy.DATA_DIR, help="toy data folder written by data_prep.py")
+    p.add_argument("--out", default=toy.OUT_DIR, help="writes OUT/clip and OUT/llama (+ loss logs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vision-steps", type=int, default=None, help=f"default {toy.VISION_PRETRAIN['steps']}")
+    p.add_argument("--text-steps", type=int, default=None, help=f"default {toy.TEXT_PRETRAIN['steps']}")
+    p.add_argument("--only", choices=["vision", "text"], help="pretrain one of the two")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stage1 = read_records(os.path.join(args.data, "stage1.json"))
+    if args.only != "text":
+        pretrain_vision(args, stage1)
+    if args.only != "vision":
+        stage2 = read_records(os.path.join(args.data, "stage2.json"))
+        pretrain_text(args, stage1, stage2)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"pretrain_toy.py: error: {e}")

@@ -1,0 +1,143 @@
+"""
+Ask a LLaVA model about an image, streaming the answer token by token.
+
+    python sample.py --model DIR --image IMG --prompt "What is in the image?"
+    python sample.py --model DIR --image IMG --chat        # multi-turn, one question per stdin line
+
+The conversation template (vicuna_v1 for LLaVA-1.5) and the image mode (crop | pad |
+anyres) come from the checkpoint's config. In --chat mode the image belongs to the first
+user turn (LLaVA puts "<image>\n" there) and stays in context for later turns; every turn
+re-encodes the whole conversation (simple, and cheap next to the answer itself).
+temperature 0 is greedy decoding.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from nanollava import LLaVA, conversation
+from nanollava import image as image_lib
+from nanollava.generate import stream
+from nanollava.tokenizer import Tokenizer
+
+
+def load(model_dir, tokenizer=None, device="cpu", dtype="float32"):
+    tok_path = Path(tokenizer or Path(model_dir) / "tokenizer.json")
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"tokenizer {tok_path} not found (pass --tokenizer)")
+    model = LLaVA.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device).eval()
+    return model, Tokenizer.from_file(str(tok_path))
+
+
+def load_image(path, config):
+    """The image as the model sees it: (pixel_values (1, ...), image_sizes (1, 2), n visual tokens)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            pixels, size = image_lib.process(im.convert("RGB"), mode=config.image_aspect_ratio,
+                                             image_size=config.vision.image_size, config=config)
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    n = image_lib.num_image_tokens(size, mode=config.image_aspect_ratio, config=config)
+    return pixels.unsqueeze(0), torch.tensor([size], dtype=torch.long), n
+
+
+def reply(model, tok, messages, image, args, out=sys.stdout):
+    """Stream one assistant answer to `out`; returns (text, stats)."""
+    pixel_values, image_sizes, n_img = image if image is not None else (None, None, 0)
+    ids = conversation.generation_prompt(messages, tok, template=model.config.template, num_image_tokens=n_img)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=args.device)
+    if pixel_values is not None:
+        pixel_values, image_sizes = pixel_values.to(args.device), image_sizes.to(args.device)
+    new, text = [], ""
+    t0 = time.perf_counter()
+    t_first = None
+    with torch.no_grad():
+        for token in stream(model, input_ids, pixel_values=pixel_values, image_sizes=image_sizes,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k):
+            token = int(token)
+            if t_first is None:
+                t_first = time.perf_counter() - t0
+            if token == tok.eos_id:
+                break
+            new.append(token)
+            # decode the whole answer and print what is new: SentencePiece merges spaces
+            # into the following piece, so token-by-token decoding would lose them
+            full = tok.decode(new)
+            out.write(full[len(text):])
+            out.flush()
+            text = full
+    dt = time.perf_counter() - t0
+    out.write("\n")
+    stats = dict(prompt_tokens=len(ids), new_tokens=len(new), ttft_s=t_first or dt,
+                 tokens_per_s=(len(new) - 1) / (dt - t_first) if len(new) > 1 and t_first else 0.0)
+    return text.strip(), stats
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory (nanollava / llava-hf / original LLaVA)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: MODEL/tokenizer.json)")
+    p.add_argument("--image", help="image file (optional: text-only without it)")
+    p.add_argument("--prompt", help="the question (single-turn mode)")
+    p.add_argument("--chat", action="store_true", help="multi-turn: read questions from stdin until EOF or 'exit'")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
+    args = p.parse_args(argv)
+    if not args.chat and args.prompt is None:
+        p.error("give --prompt, or --chat to read questions from stdin")
+
+    torch.manual_seed(args.seed)
+    model, tok = load(args.model, args.tokenizer, args.device, args.dtype)
+    image = load_image(args.image, model.config) if args.image else None
+
+    def ask(messages):
+        text, stats = reply(model, tok, messages, image, args)
+        if args.verbose:
+            print(f"[{stats['prompt_tokens']} prompt tokens, {stats['new_tokens']} new tokens, "
+                  f"time to first token {1000 * stats['ttft_s']:.0f} ms, "
+                  f"{stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+        return text
+
+    prefix = "<image>\n" if image is not None else ""
+    if not args.chat:
+        ask([{"from": "human", "value": prefix + args.prompt}])
+        return
+    messages = []
+    while True:
+        if sys.stdin.isatty():
+            print("USER: ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "exit":
+            break
+        if not line.strip():
+            continue
+        messages.append({"from": "human", "value": (prefix if not messages else "") + line.strip()})
+        if sys.stdin.isatty():
+            print("ASSISTANT: ", end="", flush=True)
+        messages.append({"from": "gpt", "value": ask(messages)})
+
+
+def cli(argv=None):
+    """main() with bad input reported as one clear line instead of a stack trace."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"sample.py: error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

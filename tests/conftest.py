@@ -1,0 +1,11 @@
+"""Run the Triton kernels through Triton's CPU interpreter on machines without a GPU.
+
+triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when `kernels` is first
+imported, and pytest imports every test module into one process; so it is set here, before any.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,333 @@
+"""LLaVA JSON dataset, truncation, collate, the modality-grouped sampler and data_prep.py."""
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import data_prep
+from nanollava import conversation
+from nanollava.config import LLaVAConfig, VisionConfig
+from nanollava.conversation import IGNORE_INDEX, SHORT_ANSWER
+from nanollava.data import LengthGroupedSampler, LLaVADataset, collate, truncate
+from nanollava.tokenizer import Tokenizer, train_bpe
+
+N_IMG = 4                                                        # (28 // 14) ** 2 visual tokens
+CONFIG = LLaVAConfig(vision=VisionConfig(image_size=28, patch_size=14), image_aspect_ratio="pad")
+WORDS = "what color is the shape a red blue circle yes no describe image left right two".split()
+
+
+def human(v):
+    return {"from": "human", "value": v}
+
+
+def gpt(v):
+    return {"from": "gpt", "value": v}
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    texts = [conversation.SYSTEMS["vicuna_v1"], "USER: ASSISTANT:", SHORT_ANSWER, " ".join(WORDS)]
+    train_bpe(texts, vocab_size=200).tok.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok(tok_path):
+    return Tokenizer.from_file(tok_path)
+
+
+def good_records():
+    return [
+        dict(id="one", image="a.png", conversations=[human("<image>\nwhat color is the shape?"), gpt("red"),
+                                                      human("is the shape a circle?"), gpt("yes")]),
+        dict(id="text", conversations=[human("describe two shapes"), gpt("a red circle")]),
+        dict(id="two", image=["a.png", "sub/b.png"],
+             conversations=[human("left <image> right <image> what color"), gpt("blue")]),
+    ]
+
+
+def bad_records():
+    """(record, reason data_prep reports) for every kind of bad input."""
+    return [
+        (dict(id="missing", image="nope.png", conversations=[human("<image>\nwhat"), gpt("red")]),
+         "missing image file"),
+        (dict(id="corrupt", image="corrupt.png", conversations=[human("<image>\nwhat"), gpt("red")]),
+         "unreadable/corrupt image"),
+        (dict(id="empty-file", image="empty.png", conversations=[human("<image>\nwhat"), gpt("red")]),
+         "zero-size image"),
+        (dict(id="escape", image="../outside.png", conversations=[human("<image>\nwhat"), gpt("red")]),
+         "image path escapes the folder"),
+        (dict(id="noconv", image="a.png"), "no conversations"),
+        (dict(id="order", conversations=[human("what"), human("red")]), "turns not alternating human/gpt"),
+        (dict(id="gptfirst", conversations=[gpt("red"), human("what")]), "turns not alternating human/gpt"),
+        (dict(id="tag-no-image", conversations=[human("<image>\nwhat"), gpt("red")]), "<image> without an image"),
+        (dict(id="image-no-tag", image="a.png", conversations=[human("what"), gpt("red")]),
+         "image without <image>"),
+        (dict(id="more-tags", image="a.png", conversations=[human("<image> <image> what"), gpt("red")]),
+         "more <image> tags than images"),
+        (dict(id="empty-reply", image="a.png", conversations=[human("<image>\nwhat"), gpt("  ")]),
+         "empty assistant reply"),
+    ]
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    imgs = tmp_path / "images"
+    (imgs / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(imgs / "a.png")
+    Image.new("RGBA", (20, 50), (0, 0, 255, 128)).save(imgs / "sub" / "b.png")
+    (imgs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (imgs / "empty.png").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    return tmp_path
+
+
+def write_json(path, records):
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+# --- dataset ---
+
+def test_dataset_expands_images_and_builds_labels(folder, tok):
+    ds = LLaVADataset(write_json(folder / "d.json", good_records()), str(folder / "images"), tok, CONFIG,
+                      template="vicuna_v1", max_length=512)
+    one, text, two = ds[0], ds[1], ds[2]
+    assert (one["input_ids"] == tok.image_token_id).sum() == N_IMG
+    assert one["pixel_values"].shape == (1, 3, 28, 28) and one["image_sizes"] == [(30, 40)]
+    assert text["pixel_values"] is None and text["image_sizes"] == []
+    assert (two["input_ids"] == tok.image_token_id).sum() == 2 * N_IMG
+    assert two["pixel_values"].shape == (2, 3, 28, 28) and two["image_sizes"] == [(30, 40), (50, 20)]
+    sup = one["labels"][one["labels"] != IGNORE_INDEX].tolist()
+    assert sup == tok.encode("red") + [tok.eos_id] + tok.encode("yes") + [tok.eos_id]
+    assert ds.skipped == {}
+
+
+def test_bad_record_is_skipped_with_a_warning_and_counted(folder, tok):
+    records = [bad_records()[0][0]] + good_records()
+    ds = LLaVADataset(write_json(folder / "d.json", records), str(folder / "images"), tok, CONFIG, "vicuna_v1")
+    with pytest.warns(UserWarning, match="record 0 .id missing.: image file not found"):
+        sample = ds[0]
+    assert sample["image_sizes"] == [(30, 40)], "returned the next good record"
+    assert ds.skipped["FileNotFoundError"] == 1
+
+
+def test_truncation_keeps_whole_images_and_drops_samples_whose_image_cannot_fit(folder, tok):
+    rec = dict(id="t", image=["a.png", "a.png"],
+               conversations=[human("<image> what color <image>"), gpt("red blue circle yes no")])
+    path = write_json(folder / "d.json", [rec, good_records()[1]])
+    full = LLaVADataset(path, str(folder / "images"), tok, CONFIG, "vicuna_v1", max_length=10_000)[0]
+    ids = full["input_ids"].tolist()
+    first = ids.index(tok.image_token_id)
+    second = first + N_IMG + ids[first + N_IMG:].index(tok.image_token_id)
+    # a limit that falls inside the 2nd image: cut before it, keep 1 image
+    ds = LLaVADataset(path, str(folder / "images"), tok, CONFIG, "vicuna_v1", max_length=second + 2)
+    with pytest.warns(UserWarning, match="losing every supervised token"):
+        ds[0]           # nothing supervised before the 2nd image -> dropped, next record returned
+    assert sum(ds.skipped.values()) == 1
+    # a limit inside the first image: the sample cannot be used (both records too long here)
+    ds = LLaVADataset(path, str(folder / "images"), tok, CONFIG, "vicuna_v1", max_length=first + 2)
+    with pytest.raises(ValueError, match="splitting its first image"):
+        ds.load(0)
+    with pytest.warns(UserWarning, match="max_length"), pytest.raises(RuntimeError, match="no usable record"):
+        ds[0]
+    assert sum(ds.skipped.values()) == 2
+    # supervised text before the 2nd image: kept with one image
+    rec2 = dict(id="t2", image=["a.png", "a.png"],
+                conversations=[human("<image> what"), gpt("red"), human("<image> color"), gpt("blue")])
+    path2 = write_json(folder / "e.json", [rec2])
+    ids2 = LLaVADataset(path2, str(folder / "images"), tok, CONFIG, "vicuna_v1")[0]["input_ids"].tolist()
+    start2 = [j for j in range(1, len(ids2)) if ids2[j] == tok.image_token_id != ids2[j - 1]][1]
+    s = LLaVADataset(path2, str(folder / "images"), tok, CONFIG, "vicuna_v1", max_length=start2 + 1)[0]
+    assert s["pixel_values"].shape[0] == 1 and len(s["image_sizes"]) == 1
+    assert (s["input_ids"] == tok.image_token_id).sum() == N_IMG and len(s["input_ids"]) == start2
+
+
+@settings(max_examples=25, deadline=None)
+@given(layout=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 6)), min_size=1, max_size=4),
+       max_length=st.integers(1, 40))
+def test_truncate_never_splits_an_image(layout, max_length):
+    IMG = 99
+    ids, labels = [], []
+    for n_text, n_img in layout:                     # text (supervised), then an image run
+        ids += list(range(1, n_text + 1)) + [IMG] * n_img
+        labels += list(range(1, n_text + 1)) + [IGNORE_INDEX] * n_img
+    ids += [7]
+    labels += [7]
+    counts = [k for _, k in layout]
+    out = truncate(ids, labels, IMG, max_length, counts)
+    first_start = layout[0][0]
+    if out is None:
+        splits_first = first_start < max_length < first_start + counts[0]
+        nothing_supervised = all(lab == IGNORE_INDEX for lab in labels[:max_length])
+        assert splits_first or nothing_supervised or max_length < len(ids), "dropped for no reason"
+        return
+    t_ids, t_labels, n = out
+    assert len(t_ids) <= max_length and t_ids == ids[:len(t_ids)] and t_labels == labels[:len(t_ids)]
+    assert len(t_ids) == min(len(ids), max_length) or t_ids[-1] != IMG, "cut only at image starts"
+    assert t_ids.count(IMG) == sum(counts[:n]), "every kept image is whole"
+    assert any(lab != IGNORE_INDEX for lab in t_labels)
+
+
+def test_collate_right_pads_and_stacks_images(folder, tok):
+    ds = LLaVADataset(write_json(folder / "d.json", good_records()), str(folder / "images"), tok, CONFIG, "vicuna_v1")
+    batch = collate([ds[0], ds[1], ds[2], None], pad_id=tok.pad_id)
+    B, T = batch["input_ids"].shape
+    lens = [len(ds[i]["input_ids"]) for i in range(3)]
+    assert B == 3 and T == max(lens)
+    for r, n in enumerate(lens):
+        assert batch["attention_mask"][r].tolist() == [1] * n + [0] * (T - n)
+        assert (batch["input_ids"][r, n:] == tok.pad_id).all() and (batch["labels"][r, n:] == IGNORE_INDEX).all()
+    assert batch["pixel_values"].shape == (3, 3, 28, 28)
+    assert batch["image_sizes"].tolist() == [[30, 40], [30, 40], [50, 20]]
+    text_only = collate([ds[1]], pad_id=tok.pad_id)
+    assert text_only["pixel_values"] is None and text_only["image_sizes"] is None
+
+
+def test_dataloader_with_workers_decodes_images_in_workers(folder, tok):
+    ds = LLaVADataset(write_json(folder / "d.json", good_records()), str(folder / "images"), tok, CONFIG, "vicuna_v1")
+    dl = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1,
+                                     collate_fn=lambda b: collate(b, tok.pad_id))
+    assert sum(b["input_ids"].shape[0] for b in dl) == 3
+
+
+# --- sampler ---
+
+def test_sampler_single_modality_is_a_deterministic_permutation():
+    lengths = [5, 9, 3, 7, 1, 8, 2, 6, 4, 10]
+    s = LengthGroupedSampler(lengths, batch_size=2, seed=1)
+    order = list(s)
+    assert sorted(order) == list(range(10))
+    assert order == list(LengthGroupedSampler(lengths, batch_size=2, seed=1))
+    assert list(LengthGroupedSampler([-n for n in lengths], batch_size=2, seed=1)) == order
+    s.set_epoch(1)
+    assert list(s) != order and sorted(s) == list(range(10))
+
+
+def test_sampler_groups_modalities_and_sorts_megabatches():
+    lengths = [10 + i if i % 3 else -(10 + i) for i in range(40)]
+    s = LengthGroupedSampler(lengths, batch_size=4, seed=0)
+    order = list(s)
+    assert sorted(order) == list(range(40))
+    batches = [order[i:i + 4] for i in range(0, 40, 4)]
+    for b in batches[:-2]:                           # the last megabatches hold the two leftovers
+        assert len({lengths[i] > 0 for i in b}) == 1, "a batch mixes modalities"
+        assert [abs(lengths[i]) for i in b] == sorted((abs(lengths[i]) for i in b), reverse=True)
+
+
+def test_sampler_resumes_mid_epoch_exactly():
+    lengths = [(i % 7) + 1 if i % 2 else -((i % 5) + 1) for i in range(30)]
+    s = LengthGroupedSampler(lengths, batch_size=3, seed=5)
+    s.set_epoch(2)
+    full = list(s)
+    resumed = LengthGroupedSampler(lengths, batch_size=3, seed=0)
+    resumed.load_state_dict(dict(seed=5, epoch=2, start_index=12))
+    assert list(resumed) == full[12:] and len(resumed) == len(full) - 12
+    assert resumed.state_dict() == dict(seed=5, epoch=2, start_index=12)
+
+
+def test_sampler_ranks_get_disjoint_equal_shares():
+    lengths = [i + 1 for i in range(23)]
+    shares = [list(LengthGroupedSampler(lengths, batch_size=3, world_size=2, rank=r, seed=0)) for r in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == len(LengthGroupedSampler(lengths, 3, 2, 0)) == 9
+    assert not set(shares[0]) & set(shares[1])
+
+
+def test_dataset_lengths_come_from_the_index(folder, tok, capsys):
+    write_json(folder / "raw.json", good_records())
+    data_prep.main(["--json", str(folder / "raw.json"), "--image-folder", str(folder / "images"),
+                    "--out", str(folder / "out"), "--tokenizer", tok_path_of(tok, folder), "--workers", "1"])
+    ds = LLaVADataset(str(folder / "out" / "raw.json"), str(folder / "images"), tok, CONFIG, "vicuna_v1")
+    exact = [len(ds[i]["input_ids"]) for i in range(3)]
+    assert ds.lengths == [exact[0], -exact[1], exact[2]]
+
+
+def tok_path_of(tok, folder):
+    path = folder / "tokenizer.json"
+    tok.tok.save(str(path))
+    return str(path)
+
+
+# --- data_prep.py ---
+
+def test_data_prep_reports_every_bad_input(folder, tok, capsys):
+    bad = bad_records()
+    long = dict(id="long", image="a.png", conversations=[human("<image>\n" + "what " * 5), gpt("red " * 60)])
+    too_long = dict(id="toolong", image="a.png", conversations=[human("what " * 80 + "<image>"), gpt("red")])
+    records = good_records() + [r for r, _ in bad] + [long, too_long]
+    write_json(folder / "raw.json", records)
+    data_prep.main(["--json", str(folder / "raw.json"), "--image-folder", str(folder / "images"),
+                    "--out", str(folder / "out"), "--tokenizer", tok_path_of(tok, folder),
+                    "--max-length", "100", "--num-image-tokens", str(N_IMG), "--workers", "1"])
+    printed = capsys.readouterr().out
+    assert "4 good (1 will be truncated), 11 broken, 1 skipped" in printed
+    report = (folder / "out" / "raw.report.txt").read_text().splitlines()
+    by_id = {line.split("\t")[1].split("(id ")[1].rstrip(")"): line.split("\t") for line in report}
+    for rec, reason in bad:
+        status, _, got, msg = by_id[rec["id"]]
+        assert status == "broken" and got == reason, (rec["id"], got, msg)
+    assert by_id["missing"][3].endswith("nope.png") and "corrupt.png" in by_id["corrupt"][3]
+    assert by_id["long"][0] == "truncated" and by_id["toolong"][0] == "skipped"
+    clean = json.loads((folder / "out" / "raw.json").read_text())
+    assert [r["id"] for r in clean] == ["one", "text", "two", "long"]
+    index = json.loads((folder / "out" / "raw.index.json").read_text())
+    assert [r["n_images"] for r in index["records"]] == [1, 0, 2, 1]
+
+
+def test_data_prep_malformed_json_names_line_and_column(folder):
+    (folder / "broken.json").write_text('[{"id": 1,\n  "conversations": [}]')
+    with pytest.raises(SystemExit, match=r"broken.json: malformed JSON at line 2 column 21"):
+        data_prep.main(["--json", str(folder / "broken.json"), "--image-folder", str(folder / "images"),
+                        "--out", str(folder / "out")])
+
+
+def test_data_prep_missing_image_folder_is_a_clear_error(folder):
+    write_json(folder / "raw.json", good_records())
+    with pytest.raises(SystemExit, match="image folder not found"):
+        data_prep.main(["--json", str(folder / "raw.json"), "--image-folder", str(folder / "nope"),
+                        "--out", str(folder / "out")])
+
+
+def test_toy_captions_agree_with_every_question_of_the_image():
+    import easy_vqa
+    qs, answers, ids = easy_vqa.get_test_questions()
+    by_image = data_prep._per_image(qs, answers, ids)
+    for i, qa in list(by_image.items())[:300]:
+        shape, color = data_prep._shape_and_color(qa)
+        for q, a in qa:
+            words = q.rstrip("?").split()
+            if a not in ("yes", "no"):
+                continue
+            negated = "not" in words or "no" in words
+            for w, known in ((s, shape) for s in data_prep.SHAPES if s in words):
+                if known:
+                    assert ((a == "yes") != negated) == (w == known), (i, q, a, shape)
+            for w, known in ((c, color) for c in data_prep.COLORS if c in words):
+                if known:
+                    assert ((a == "yes") != negated) == (w == known), (i, q, a, color)
+
+
+def test_toy_build_is_deterministic_and_loads(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    data_prep.main(["--out", str(a), "--limit", "30", "--seed", "3"])
+    data_prep.main(["--out", str(b), "--limit", "30", "--seed", "3"])
+    for name in ("stage1.json", "stage2.json", "eval_questions.jsonl", "eval_answers.jsonl", "tokenizer.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    tok = Tokenizer.from_file(str(a / "tokenizer.json"))
+    assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2) and tok.pad_id == 3 and tok.image_token_id == 4
+    s2 = LLaVADataset(str(a / "stage2.json"), str(a / "images"), tok, CONFIG, "vicuna_v1")
+    sample = s2[0]
+    assert (sample["input_ids"] == tok.image_token_id).sum() == N_IMG
+    first = json.loads((a / "stage2.json").read_text())[0]["conversations"]
+    assert first[0]["value"].startswith("<image>\n") and first[0]["value"].endswith("\n" + SHORT_ANSWER)
+    s1 = LLaVADataset(str(a / "stage1.json"), str(a / "images"), tok, CONFIG, "plain")
+    assert tok.eos_id not in s1[0]["input_ids"].tolist()
+    q = json.loads((a / "eval_questions.jsonl").read_text().splitlines()[0])
+    assert set(q) == {"question_id", "image", "text", "category"} and q["category"] in ("yesno", "open")
+    assert os.path.isfile(a / "images" / q["image"])
+    assert tok.unk_id not in tok.encode(q["text"]), "the toy tokenizer covers the eval questions"

@@ -1,0 +1,236 @@
+"""eval.py and sample.py end to end on a tiny random LLaVA and a few real easy-vqa images."""
+
+import importlib.util
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+POPE_DIR = ROOT.parent / "shared" / "fixtures" / "pope"
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"nanollava_{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+eval_script = _load_script("eval")
+
+
+def _read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A tiny random LLaVA + tokenizer saved as a model dir, 6 easy-vqa test questions and their answers."""
+    easy_vqa = pytest.importorskip("easy_vqa")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from nanollava import LLaVA, LLaVAConfig, TextConfig, VisionConfig
+
+    d = tmp_path_factory.mktemp("toy")
+    questions, answers, image_ids = easy_vqa.get_test_questions()
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator(questions[:300] + answers[:300], trainers.BpeTrainer(
+        vocab_size=160, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"], show_progress=False))
+    torch.manual_seed(0)
+    config = LLaVAConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=28, patch_size=14),
+        text=TextConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        image_token_id=tok.token_to_id("<image>"))
+    model = LLaVA(config)
+    with torch.no_grad():  # a default-initialised tiny model says the same thing whatever it sees
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    model.save_pretrained(d / "model")
+    tok.save(str(d / "model" / "tokenizer.json"))
+
+    paths = easy_vqa.get_test_image_paths()
+    (d / "images").mkdir()
+    qs, gts = [], []
+    yesno = [k for k, a in enumerate(answers) if a in ("yes", "no")][:3]
+    opened = [k for k, a in enumerate(answers) if a not in ("yes", "no")][:3]
+    for i, k in enumerate(opened + yesno):  # data_prep.py's eval_{questions,answers}.jsonl format
+        name = f"{image_ids[k]}.png"
+        if not (d / "images" / name).exists():
+            shutil.copy(paths[image_ids[k]], d / "images" / name)
+        category = "yesno" if answers[k] in ("yes", "no") else "open"
+        qs.append(dict(question_id=i, image=name, text=questions[k] + "\nAnswer the question using a single "
+                       "word or phrase.", category=category))
+        gts.append(dict(question_id=i, answer=answers[k], category=category))
+    with open(d / "questions.jsonl", "w") as f:
+        f.writelines(json.dumps(q) + "\n" for q in qs)
+    with open(d / "gt.jsonl", "w") as f:
+        f.writelines(json.dumps(g) + "\n" for g in gts)
+    return d
+
+
+def _run(toy, answers, batch_size=3, questions=None):
+    eval_script.main(["--model", str(toy / "model"), "--questions", str(questions or toy / "questions.jsonl"),
+                      "--image-folder", str(toy / "images"), "--answers", str(answers),
+                      "--batch-size", str(batch_size), "--max-new-tokens", "6"])
+    return _read(answers)
+
+
+def test_eval_writes_llava_answer_schema_and_scores_it(toy, tmp_path, capsys):
+    recs = _run(toy, tmp_path / "a.jsonl")
+    assert [r["question_id"] for r in recs] == list(range(6))
+    for r in recs:
+        assert set(eval_script.ANSWER_KEYS) <= set(r) and "error" not in r, r
+        assert isinstance(r["text"], str) and r["model_id"] == "model"
+    scores = eval_script.main(["--benchmark", "toy", "--answers", str(tmp_path / "a.jsonl"),
+                               "--annotations", str(toy / "gt.jsonl")])
+    assert scores["n"] == 6 and 0 <= scores["toy_acc"] <= 100
+    assert scores["open/n"] == 3 and scores["yesno/n"] == 3 and 0 <= scores["yesno/f1"] <= 100
+    assert "toy_acc" in capsys.readouterr().out
+
+
+def test_batched_left_padded_answers_match_one_at_a_time(toy, tmp_path):
+    one = _run(toy, tmp_path / "b1.jsonl", batch_size=1)
+    batched = _run(toy, tmp_path / "b4.jsonl", batch_size=4)
+    assert len({r["text"] for r in one}) > 1, "the random model should answer different questions differently"
+    assert [r["text"] for r in batched] == [r["text"] for r in one]
+
+
+def test_eval_resumes_without_duplicating_answers(toy, tmp_path):
+    full = _run(toy, tmp_path / "full.jsonl")
+    partial = tmp_path / "partial.jsonl"
+    # an interrupted run: two answers written, the third torn mid-line
+    lines = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)
+    partial.write_text(lines[0] + lines[1] + lines[2][:25])
+    resumed = _run(toy, partial)
+    assert [r["question_id"] for r in resumed] == list(range(6))
+    assert [r["answer_id"] for r in resumed[:2]] == [r["answer_id"] for r in full[:2]], "kept, not redone"
+    assert [r["text"] for r in resumed] == [r["text"] for r in full]
+    again = _run(toy, partial)  # nothing left to do
+    assert len(again) == 6
+
+
+def test_missing_or_broken_image_gives_error_record_and_run_continues(toy, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    qs = _read(toy / "questions.jsonl")[:3]
+    qs[1]["image"] = "does_not_exist.png"
+    qs[2]["image"] = str(tmp_path / "broken.png")  # absolute paths are allowed
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    recs = _run(toy, tmp_path / "a.jsonl", questions=qfile)
+    assert [r["question_id"] for r in recs] == [0, 1, 2]
+    assert "error" not in recs[0]
+    assert "does_not_exist.png" in recs[1]["error"] and "broken.png" in recs[2]["error"]
+    scores = eval_script.score_toy(tmp_path / "a.jsonl", toy / "gt.jsonl")
+    assert scores["errors"] == 2 and scores["n"] == 3
+
+
+def test_answer_file_for_another_benchmark_is_rejected(toy, tmp_path):
+    wrong = tmp_path / "pope_answers.jsonl"
+    wrong.write_text("".join(json.dumps(dict(question_id=q, prompt="Is there a dog?", text="Yes", answer_id="x",
+                                             model_id="m", metadata={})) + "\n" for q in (20000001, 20000002)))
+    with pytest.raises(ValueError, match="another benchmark"):
+        eval_script.score_toy(wrong, toy / "gt.jsonl")
+    with pytest.raises(SystemExit) as exit_info:  # the command line: one clear line, no stack trace
+        eval_script.cli(["--benchmark", "toy", "--answers", str(wrong), "--annotations", str(toy / "gt.jsonl")])
+    assert str(exit_info.value.code).startswith("eval.py: error:") and "another benchmark" in str(exit_info.value.code)
+
+
+def test_pope_scoring_cli_reproduces_published_llava_13b_f1(capsys):
+    if not POPE_DIR.is_dir():
+        pytest.skip(f"POPE fixture not found at {POPE_DIR} (expected shared/ beside the repo)")
+    scores = eval_script.main(["--benchmark", "pope", "--answers", str(POPE_DIR / "answers_llava-v1.5-13b.jsonl"),
+                               "--questions", str(POPE_DIR / "llava_pope_test.jsonl"),
+                               "--annotations", str(POPE_DIR)])
+    assert round(scores["pope"], 2) == 85.95 and scores["n"] == 8910
+    assert "85.95" in capsys.readouterr().out
+
+
+def test_sample_streams_an_answer(toy):
+    image = next((toy / "images").iterdir())
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(toy / "model"), "--image",
+                           str(image), "--prompt", "what shape is in the image?", "--max-new-tokens", "5",
+                           "--verbose"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip(), "sample.py printed no answer"
+    assert "tokens/s" in proc.stderr and "time to first token" in proc.stderr
+
+
+def test_sample_chat_keeps_the_image_across_turns(toy, monkeypatch, capsys):
+    sample_script = _load_script("sample")
+    image = next((toy / "images").iterdir())
+    seen = []
+    real = sample_script.reply
+
+    def spy(model, tok, messages, image, args, out=sys.stdout):
+        seen.append(([dict(m) for m in messages], image is not None))
+        return real(model, tok, messages, image, args, out)
+
+    monkeypatch.setattr(sample_script, "reply", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what color is the shape?\nis it a circle?\nexit\nignored\n"))
+    sample_script.main(["--model", str(toy / "model"), "--image", str(image), "--chat", "--max-new-tokens", "4"])
+    assert len(seen) == 2
+    (first, has_img1), (second, has_img2) = seen
+    assert has_img1 and has_img2
+    assert first[0]["value"].startswith("<image>\n") and len(second) == 3
+    assert second[0] == first[0] and second[1]["from"] == "gpt"
+    assert "<image>" not in second[2]["value"]
+
+
+def test_score_toy_hand_worked(toy, tmp_path):
+    gts = _read(toy / "gt.jsonl")  # 3 open, then 3 yes/no
+    texts = [gts[0]["answer"].capitalize() + ".", "purple", gts[2]["answer"], "Yes", "Yes", "No"]
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps(dict(question_id=g["question_id"], prompt="", text=t, answer_id="x",
+                                               model_id="m", metadata={})) + "\n" for g, t in zip(gts, texts)))
+    s = eval_script.score_toy(answers, toy / "gt.jsonl")
+    yn_gold = [g["answer"] for g in gts[3:]]
+    yn_right = sum(p.lower() == g for p, g in zip(["yes", "yes", "no"], yn_gold))
+    assert s["open/acc"] == pytest.approx(100 * 2 / 3)
+    assert s["yesno/acc"] == pytest.approx(100 * yn_right / 3)
+    assert s["yesno/yes_ratio"] == pytest.approx(100 * 2 / 3)
+    assert s["toy_acc"] == pytest.approx(100 * (2 + yn_right) / 6)
+
+
+def test_anyres_batch_with_different_tile_counts_matches_one_at_a_time(toy, tmp_path):
+    """AnyRes (LLaVA-NeXT): images of different shapes get different tile counts; the batch pads tiles."""
+    from PIL import Image
+    from nanollava import LLaVA
+    base = LLaVA.from_pretrained(toy / "model")
+    config = base.config
+    config.image_aspect_ratio, config.image_grid_pinpoints = "anyres", [[28, 56], [56, 28], [56, 56]]
+    torch.manual_seed(1)
+    model = LLaVA(config)
+    model.load_state_dict(base.state_dict(), strict=False)  # + a fresh image_newline
+    model.save_pretrained(tmp_path / "model")
+    shutil.copy(toy / "model" / "tokenizer.json", tmp_path / "model" / "tokenizer.json")
+    src = Image.open(next((toy / "images").iterdir())).convert("RGB")
+    qs = []
+    for i, (w, h) in enumerate([(80, 30), (30, 80), (64, 64)]):
+        src.resize((w, h)).save(tmp_path / f"{i}.png")
+        qs.append(dict(question_id=i, image=str(tmp_path / f"{i}.png"), text="what shape is it?"))
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    texts = {}
+    for batch_size in (1, 3):
+        out = tmp_path / f"answers_{batch_size}.jsonl"
+        eval_script.main(["--model", str(tmp_path / "model"), "--questions", str(tmp_path / "q.jsonl"),
+                          "--answers", str(out), "--batch-size", str(batch_size), "--max-new-tokens", "5"])
+        recs = _read(out)
+        assert [r["question_id"] for r in recs] == [0, 1, 2] and all("error" not in r for r in recs), recs
+        texts[batch_size] = [r["text"] for r in recs]
+    assert texts[3] == texts[1]
+
+
+def test_sample_missing_image_is_a_clear_error(toy):
+    sample_script = _load_script("sample")
+    with pytest.raises(SystemExit) as exit_info:
+        sample_script.cli(["--model", str(toy / "model"), "--image", str(toy / "nope.png"), "--prompt", "hi"])
+    assert "nope.png" in str(exit_info.value.code) and "does not exist" in str(exit_info.value.code)

@@ -1,0 +1,200 @@
+"""Hand-rolled FSDP (nanollava/fsdp.py) against plain single-process training.
+
+1, 2 and 3 gloo ranks train a small decoder-like model whose parameter counts are not
+divisible by the world size; the losses and final weights must match ordinary training with
+the same global batch, per-rank param+grad+optimizer bytes must be ~1/world of the total,
+and frozen blocks must carry no optimizer state. Activation checkpointing (reentrant and
+non-reentrant) and gradient accumulation must not change the result.
+"""
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nanollava.fsdp import FSDP
+
+VOCAB, DIM, HIDDEN, N_BLOCKS, T = 37, 11, 29, 3, 5
+GLOBAL_BATCH, STEPS, LRS = 6, 3, {"embed": 3e-2, "blocks": 1e-2}
+
+
+class Block(nn.Module):
+    """A pre-norm residual MLP block: 689 parameters, divisible by neither 2 nor 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM, bias=False)
+        self.fc1 = nn.Linear(DIM, HIDDEN)
+        self.fc2 = nn.Linear(HIDDEN, DIM)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(Block() for _ in range(N_BLOCKS))
+        self.head = nn.Linear(DIM, VOCAB)
+        self.checkpointing = None        # None | "reentrant" | "non_reentrant"
+
+    def loss(self, ids, targets):
+        h = self.embed(ids)                                     # (B, T, C)
+        for block in self.blocks:
+            if self.checkpointing and self.training:
+                h = checkpoint(block, h, use_reentrant=self.checkpointing == "reentrant")
+            else:
+                h = block(h)
+        return F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten())
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = Toy()
+    for p in model.blocks[0].parameters():                      # a frozen unit
+        p.requires_grad_(False)
+    return model
+
+
+def group_fn(name):
+    return "blocks" if name.startswith("blocks") else "embed"
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, VOCAB, (GLOBAL_BATCH, T), generator=g),
+             torch.randint(0, VOCAB, (GLOBAL_BATCH, T), generator=g)) for _ in range(STEPS)]
+
+
+def reference():
+    """Plain training: full batch, torch AdamW, torch's global-norm clipping."""
+    model = make_model()
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(group_fn(name), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": LRS[g]} for g, ps in groups.items()],
+                            betas=(0.9, 0.999), weight_decay=0.0)
+    losses = []
+    for ids, targets in batches():
+        loss = model.loss(ids, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    with torch.no_grad():
+        eval_loss = model.loss(*batches()[0]).item()
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, eval_loss
+
+
+def run_fsdp(rank, world, checkpointing, micro_batches):
+    """The same training, sharded: each rank takes its slice of the global batch."""
+    model = make_model()
+    model.checkpointing = checkpointing
+    fsdp = FSDP(model, units=list(model.blocks), group_fn=group_fn)
+    opt = fsdp.optimizer(LRS, betas=(0.9, 0.999), weight_decay=0.0)
+    per_rank = GLOBAL_BATCH // world
+    micro = per_rank // micro_batches
+    losses = []
+    for ids, targets in batches():
+        ids, targets = ids[rank * per_rank:(rank + 1) * per_rank], targets[rank * per_rank:(rank + 1) * per_rank]
+        total = torch.zeros(())
+        for m in range(micro_batches):
+            sl = slice(m * micro, (m + 1) * micro)
+            loss = model.loss(ids[sl], targets[sl]) / micro_batches
+            loss.backward()
+            total += loss.detach()
+        fsdp.clip_grad_norm_(0.5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+    # evaluation forward under no_grad must work too (views of gathered-then-freed buffers)
+    model.eval()
+    with torch.no_grad():
+        eval_loss = model.loss(*batches()[0]).item()
+    # sharded checkpoint round trip: each rank reloads only its own shards into a fresh model
+    fresh = FSDP(Toy(), units=[], group_fn=group_fn)              # other init, other units
+    with pytest.raises(ValueError, match="does not match"):
+        fresh.load_sharded_state_dict(fsdp.sharded_state_dict())
+    restored_model = make_model()
+    restored_model.embed.weight.data.zero_()
+    restored = FSDP(restored_model, units=list(restored_model.blocks), group_fn=group_fn)
+    restored.load_sharded_state_dict(fsdp.sharded_state_dict())
+    return {"losses": losses, "state": fsdp.full_state_dict(), "restored": restored.full_state_dict(),
+            "bytes": fsdp.local_bytes(opt), "eval_loss": eval_loss,
+            "n_opt_params": sum(len(g["params"]) for g in opt.param_groups),
+            "n_opt_state": len(opt.state),
+            "flat_units": sorted({f.unit.name for f in fsdp.flats}),
+            "trainable": sorted(fsdp.trainable_names)}
+
+
+SCENARIOS = [(None, 1), ("non_reentrant", 1), ("reentrant", 1), (None, 3)]   # (checkpointing, micro-batches)
+
+
+def _worker(rank, world, port, out_dir):
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    for ckpt, micro in SCENARIOS:
+        if (GLOBAL_BATCH // world) % micro or (world == 3 and ckpt == "reentrant"):   # keep 3 ranks quick
+            continue
+        results[(ckpt, micro)] = run_fsdp(rank, world, ckpt, micro)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return reference()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_fsdp_matches_single_process_training(world, ref):
+    ref_losses, ref_state, ref_eval = ref
+    with tempfile.TemporaryDirectory() as out_dir:
+        if world == 1:
+            _worker(0, 1, None, out_dir)
+        else:
+            mp.spawn(_worker, args=(world, free_port(), out_dir), nprocs=world)
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    total_trainable = sum(v.numel() for k, v in ref_state.items() if not k.startswith("blocks.0."))
+    embed_numel = VOCAB * DIM + DIM * VOCAB + VOCAB                  # the root unit's flat
+    assert all(n % 2 and n % 3 for n in (embed_numel, 689)), "flat sizes must not divide evenly"
+    for scenario in results[0]:
+        for rank, res in enumerate(results):
+            r = res[scenario]
+            torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses),
+                                       rtol=1e-5, atol=1e-6, msg=f"losses differ: {scenario} rank {rank}")
+            for k, v in ref_state.items():
+                torch.testing.assert_close(r["state"][k], v, rtol=1e-5, atol=1e-6,
+                                           msg=f"{k} differs after training: {scenario} rank {rank}")
+            assert abs(r["eval_loss"] - ref_eval) < 1e-5, f"no_grad forward differs: {scenario}"
+            for k, v in r["state"].items():
+                assert torch.equal(r["restored"][k], v), f"sharded save/load lost {k}"
+            # the frozen block is not sharded and has no optimizer state
+            assert "blocks.0" not in r["flat_units"]
+            assert not any(n.startswith("blocks.0.") for n in r["trainable"])
+            assert r["n_opt_state"] == r["n_opt_params"]
+            # master shard + AdamW exp_avg + exp_avg_sq (grads are freed) = 3 fp32 copies of 1/world
+            ideal = 3 * 4 * total_trainable / world
+            padding = 3 * 4 * len(r["flat_units"]) * 2 * world   # < world elements per flat
+            assert ideal <= r["bytes"] <= ideal + padding, (
+                f"rank {rank} holds {r['bytes']} bytes, expected ~{ideal:.0f} (1/{world} of the total)")
