@@ -292,10 +292,10 @@ def build_toy(out, seed=0, max_turns=8, workers=1, limit=None):
                            category=category))
         eval_a.append(dict(question_id=k, answer=a, category=category))
 
-    # tokenizer on the data's own text (+ the templates' fixed strings)
+    # tokenizer on the TRAIN split's text (+ the templates' fixed strings); the test split stays unseen
     texts = [t["value"].replace("<image>", "") for r in stage1 + stage2 for t in r["conversations"]]
-    texts += [q["text"] for q in eval_q] + [conversation.SYSTEMS["vicuna_v1"], conversation.SYSTEMS["llava_v1"],
-                                            "USER: ASSISTANT:", conversation.MULTIPLE_CHOICE]
+    texts += [conversation.SYSTEMS["vicuna_v1"], conversation.SYSTEMS["llava_v1"], "USER: ASSISTANT:",
+              conversation.MULTIPLE_CHOICE]
     tok = train_bpe(texts, vocab_size=512)
     tok_path = os.path.join(out, "tokenizer.json")
     tok.tok.save(tok_path)

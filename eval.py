@@ -12,7 +12,7 @@ Two modes:
    python eval.py --benchmark toy  --answers A.jsonl   # data/toy/eval_answers.jsonl by default
 
 The toy benchmark end to end (easy-vqa test split, built by data_prep.py):
-   python eval.py --model out/toy/stage2 --questions data/toy/eval_questions.jsonl \
+   python eval.py --model out/toy/stage2 --questions data/toy/eval_questions.jsonl \\
        --answers out/toy/eval_answers.jsonl --benchmark toy
 
 Both at once: give --model and --benchmark.
@@ -100,7 +100,7 @@ def build_prompts(questions, image_folder, tok, config, template, max_prompt_tok
             path = Path(image_folder) / q["image"]
             try:
                 with Image.open(path) as im:
-                    pixels, size = process_image(im.convert("RGB"), config)
+                    pixels, size = process_image(im, config)   # process() converts to RGB (alpha on white, as HF)
             except (OSError, ValueError) as e:  # missing, truncated, not an image
                 out.append((None, None, None, f"cannot read image {path}: {e}"))
                 continue

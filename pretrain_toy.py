@@ -6,10 +6,11 @@ Vicuna; the toy has neither, so this script makes tiny stand-ins from the easy-v
 only (the test split is never read):
 
   (a) vision  nanollava.clip.CLIPVisionTower, supervised: two linear heads name the shape and
-              the colour of each training image (parsed from its stage-1 caption) from the
-              MEAN-POOLED PATCH TOKENS OF LAYER -2, the very features LLaVA's projector reads,
-              so those patch tokens carry shape and colour. Blocks after layer -2 and
-              post_layernorm stay at initialisation (LLaVA never runs them).
+              the colour of each training image (parsed from its stage-1 caption) from EVERY
+              PATCH TOKEN OF LAYER -2, the very features LLaVA's projector reads, so each patch
+              token carries the image's shape and colour (the printed accuracy is that of the
+              mean-pooled prediction). Blocks after layer -2 and post_layernorm stay at
+              initialisation (LLaVA never runs them).
   (b) text    nanollava.llama.LlamaForCausalLM, next-token prediction on the data's text:
               the stage-1 captions and the stage-2 conversations in the vicuna_v1 format with
               the images left out (a tiny "Vicuna": it knows the chat format and the words,
@@ -83,7 +84,7 @@ def read_records(path):
 
 
 class Log:
-    """One JSON line per logged step (metrics.jsonl style) + a one-line print."""
+    """One JSON line per step (train.py metrics.jsonl style)."""
 
     def __init__(self, path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -6,7 +6,7 @@ Ask a LLaVA model about an image, streaming the answer token by token.
 
 The conversation template (vicuna_v1 for LLaVA-1.5) and the image mode (crop | pad |
 anyres) come from the checkpoint's config. In --chat mode the image belongs to the first
-user turn (LLaVA puts "<image>\n" there) and stays in context for later turns; every turn
+user turn (LLaVA puts "<image>\\n" there) and stays in context for later turns; every turn
 re-encodes the whole conversation (simple, and cheap next to the answer itself).
 temperature 0 is greedy decoding.
 """
@@ -40,7 +40,7 @@ def load_image(path, config):
         raise FileNotFoundError(f"image {path} does not exist")
     try:
         with Image.open(path) as im:
-            pixels, size = image_lib.process(im.convert("RGB"), mode=config.image_aspect_ratio,
+            pixels, size = image_lib.process(im, mode=config.image_aspect_ratio,
                                              image_size=config.vision.image_size, config=config)
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e}") from None

@@ -35,8 +35,9 @@ class KVCache(nn.Module):
     def __init__(self, batch, max_len, n_layers, n_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
         super().__init__()
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # empty, not zeros: only [0, pos+T) is ever read and every forward writes it first
+        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
         self.pos = 0
 
@@ -61,15 +62,16 @@ def rope_cos_sin(position_ids, head_dim, theta, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
-    """x (B, H, T, D); cos, sin (B, T, D)."""
+    """x (B, H, T, D); cos, sin (B, T, D). HF's `x * cos + rotate_half(x) * sin` with
+    rotate_half(x) = cat(-x2, x1), bit for bit, without materialising rotate_half(x) (a neg, a cat
+    and a full-size mul fewer): the halves of x * cos get -x2 * sin and + x1 * sin in place."""
     cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_half(x) * sin
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h] -= x[..., h:] * sin[..., :h]
+    out[..., h:] += x[..., :h] * sin[..., h:]
+    return out
 
 
 class LlamaAttention(nn.Module):
@@ -90,6 +92,8 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
+            # also in the prefill: SDPA on CPU is faster on the cache's per-head contiguous (T, D)
+            # blocks than on the fresh k, v (views of the (B, T, H*D) projection, row stride H*D)
             k, v = kv_cache.update(self.layer_idx, pos, k, v)                         # (B, Hkv, pos+T, D)
         y = dispatch.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -30,7 +30,7 @@ TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_att
 
 # pretrain_toy.py (toy only): optimizer steps, batch, peak lr (AdamW, warmup + cosine)
 VISION_PRETRAIN = dict(steps=600, batch_size=64, lr=3e-3, weight_decay=0.05)
-TEXT_PRETRAIN = dict(steps=60, batch_size=16, block_size=256, lr=3e-3, weight_decay=0.1)
+TEXT_PRETRAIN = dict(steps=30, batch_size=16, block_size=256, lr=3e-3, weight_decay=0.1)
 
 
 def vision_config():
