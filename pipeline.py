@@ -2,7 +2,7 @@
 The whole LLaVA life cycle on the toy, in one command (nanochat "speedrun" style, CPU).
 
     python pipeline.py                    # ~15 min on 2 CPU cores: data -> pretrain -> stage 1 -> stage 2 -> eval
-    python pipeline.py --fast             # a shortened run (tiny step counts, 64 eval questions): the test
+    python pipeline.py --fast             # a shortened run (300 images, tiny step counts, 32 eval questions): the test
     python pipeline.py --seed 1 --out out/toy_seed1
 
 Phases, each the real script run as a subprocess (so exactly the real code paths run):
@@ -51,7 +51,7 @@ TOY_TRAIN = {
     1: dict(lr=1e-3, global_batch=32, micro_batch=32),      # recipe lr; batch 256 -> 32
     2: dict(lr=2e-3, global_batch=32, micro_batch=32),      # lr 2e-5 -> 2e-3, batch 128 -> 32
 }
-FAST = dict(vision_steps=8, text_steps=8, stage1_steps=6, stage2_steps=6, eval_questions=32)
+FAST = dict(images=300, vision_steps=8, text_steps=8, stage1_steps=6, stage2_steps=6, eval_questions=32)
 MAX_TURNS = 2               # QA turns per stage-2 conversation (data_prep.py --max-turns; its default is 8)
 EVAL_QUESTIONS = 2000       # a fixed, seeded sample of the 9,673 test questions (0 = all)
 MAX_NEW_TOKENS = 8          # toy answers are one word + </s>
@@ -131,8 +131,10 @@ def main(argv=None):
     if args.skip_data and os.path.isfile(os.path.join(data, "stage2.json")):
         times["data"] = 0.0
     else:
-        times["data"] = run("data", [py, "data_prep.py", "--out", data, "--seed", str(args.seed),
-                                     "--max-turns", str(MAX_TURNS)], logs, env)
+        cmd = [py, "data_prep.py", "--out", data, "--seed", str(args.seed), "--max-turns", str(MAX_TURNS)]
+        if fast:
+            cmd += ["--limit", str(fast["images"])]        # the first N images of each split
+        times["data"] = run("data", cmd, logs, env)
     tokenizer = os.path.join(data, "tokenizer.json")
     questions_path, questions = eval_subset(data, out, n_eval, args.seed)
 
