@@ -54,9 +54,9 @@ def resize_shortest_edge_and_crop(img, size, resample=Image.Resampling.BICUBIC):
     else:
         new_w, new_h = int(size * w / h), size
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    sx, sy = w / new_w, h / new_h
-    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-    return img.resize((size, size), resample, box=box)
+    # resize the whole image, then crop, as HF does: resizing only the kept box (PIL's `box=`)
+    # samples the box edges differently and is off by up to 24/255 on tiny images
+    return img.resize((new_w, new_h), resample).crop((left, top, left + size, top + size))
 
 
 def normalize(img, mean=CLIP_MEAN, std=CLIP_STD):
