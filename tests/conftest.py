@@ -9,3 +9,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# CI (CI=true) replays a fixed set of examples, so a submission's result does not depend on the
+# draw; local runs stay random and keep exploring (a failure prints its @reproduce_failure).
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
