@@ -1,7 +1,7 @@
 """
 The whole LLaVA life cycle on the toy, in one command (nanochat "speedrun" style, CPU).
 
-    python pipeline.py                    # ~15 min on 2 CPU cores: data -> pretrain -> stage 1 -> stage 2 -> eval
+    python pipeline.py                    # 8.4 min measured on 2 CPU cores: data -> pretrain -> stage 1 -> stage 2 -> eval
     python pipeline.py --fast             # a shortened run (300 images, tiny step counts, 32 eval questions): the test
     python pipeline.py --seed 1 --out out/toy_seed1
 
@@ -30,8 +30,8 @@ LLaMA pretrained for seconds, not Vicuna-7B). The toy data is built with 2 QA tu
 conversation (data_prep.py --max-turns 2) instead of 8: with 8, most turns can be answered from
 the text of earlier turns ("what color is the circle?" names the shape), a shortcut the LLM learns
 instead of looking at the image, and the single-turn eval has no such context (measured: yes/no
-F1 84% with 8 turns). Everything else is the recipe: one epoch per stage, cosine with 3% warmup, AdamW (0.9, 0.999), no weight decay, stage 1 = projector only on `plain`
-captions, stage 2 = projector + LLM on `vicuna_v1` conversations, vision tower frozen. Answers are
+F1 84% with 8 turns). Everything else is the recipe: one epoch per stage, cosine with 3% warmup,
+AdamW (0.9, 0.999), no weight decay, stage 1 = projector only on `plain` captions, stage 2 = projector + LLM on `vicuna_v1` conversations, vision tower frozen. Answers are
 capped at 8 new tokens (they are one word). Determinism: same --seed and --threads -> same table
 (times aside).
 """
