@@ -5,7 +5,11 @@ knows the special ids LLaVA needs: bos `<s>`, eos `</s>`, unk `<unk>`, pad (`<pa
 LLaVA does when there is none) and the image placeholder `<image>` (id 32000 in llava-hf).
 
 `encode` never adds special tokens on its own: conversation.tokenize places `<s>`, `</s>` and the
-image tokens itself, segment by segment, so labels can be built constructively.
+image tokens itself, segment by segment, so labels can be built constructively. For the same
+reason a literal "</s>", "<s>" or "<pad>" inside data text is encoded as the plain text it is
+(`encode_special_tokens`), never as the special token: a caption that quotes "</s>" must not end
+its sample early. Text that is not valid Unicode (a lone surrogate such as "\udcff", which JSON
+allows) is a ValueError, so a data set can skip the record instead of dying on a TypeError.
 """
 import os
 
@@ -17,6 +21,7 @@ class Tokenizer:
 
     def __init__(self, tok, bos="<s>", eos="</s>", unk="<unk>", pad="<pad>", image="<image>"):
         self.tok = tok
+        tok.encode_special_tokens = True            # "</s>" in text is text (see the module docstring)
         self.bos_id = tok.token_to_id(bos)
         self.eos_id = tok.token_to_id(eos)
         self.unk_id = tok.token_to_id(unk)
@@ -54,7 +59,15 @@ class Tokenizer:
 
     def encode(self, text, bos=False):
         """Token ids of `text`; no special tokens unless bos=True prepends `<s>`."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
+        except TypeError:                             # the Rust side says only "must be str"
+            bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None) \
+                if isinstance(text, str) else None
+            if bad is None:
+                raise
+            raise ValueError(f"text is not valid Unicode: lone surrogate {text[bad]!r} at character {bad} "
+                             f"(in {text[max(0, bad - 20):bad + 20]!r})") from None
         return [self.bos_id] + ids if bos else ids
 
     def decode(self, ids, skip_special=True):

@@ -51,8 +51,18 @@ def gpt(v):
 
 # --- the original LLaVA algorithm (llava/mm_utils.py, llava/train/train.py), legacy tokenizer ---
 
+def orig_encode(text, tok):
+    """The original's tokenizer call: a "</s>" written in the prompt becomes the eos id (nanollava's
+    Tokenizer.encode keeps such text as text, so the flag is lifted here)."""
+    tok.tok.encode_special_tokens = False
+    try:
+        return tok.encode(text, bos=True)
+    finally:
+        tok.tok.encode_special_tokens = True
+
+
 def orig_tokenizer_image_token(prompt, tok, image_id):
-    chunks = [tok.encode(c, bos=True) for c in prompt.split("<image>")]
+    chunks = [orig_encode(c, tok) for c in prompt.split("<image>")]
     ids = [chunks[0][0]]
     for k, c in enumerate(chunks):
         if k:
