@@ -141,9 +141,11 @@ def answer_questions(model, tok, questions, image_folder, answers_path, batch_si
     Returns counts: dict(done, skipped, errors)."""
     import torch
     from tqdm import tqdm
+    from nanollava import conversation
     from nanollava.generate import generate
     config = model.config
     template = template or config.template
+    stop = conversation.stop_ids(tok, template)
     done = load_existing_answers(answers_path)
     todo = [q for q in questions if q["question_id"] not in done]
     counts = dict(done=0, skipped=len(questions) - len(todo), errors=0)
@@ -162,11 +164,10 @@ def answer_questions(model, tok, questions, image_folder, answers_path, batch_si
                                    pixel_values=None if pixel_values is None else pixel_values.to(device),
                                    image_sizes=None if image_sizes is None else image_sizes.to(device),
                                    attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                   temperature=0.0)
+                                   temperature=0.0, eos_token_id=stop)
                 for row, i in enumerate(ok):
                     ids = new[row].tolist()
-                    if tok.eos_id in ids:
-                        ids = ids[:ids.index(tok.eos_id)]
+                    ids = ids[:next((k for k, t in enumerate(ids) if t in stop), len(ids))]
                     texts[i] = tok.decode(ids).strip()
             for i, q in enumerate(batch):
                 rec = dict(question_id=q["question_id"], prompt=q["text"], text=texts.get(i, ""),
@@ -351,6 +352,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory (nanollava / llava-hf / original LLaVA)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: MODEL/tokenizer.json)")
+    p.add_argument("--template", help="conversation template (default: the checkpoint's)")
     p.add_argument("--questions", help="LLaVA question jsonl: question_id, image, text[, category]")
     p.add_argument("--image-folder", default="data/toy/images", help="directory the question images are relative to")
     p.add_argument("--answers", required=True, help="answer jsonl: written (resumable) or scored")
@@ -377,8 +379,13 @@ def main(argv=None):
         tok_path = Path(args.tokenizer or Path(args.model) / "tokenizer.json")
         if not tok_path.is_file():
             raise FileNotFoundError(f"tokenizer {tok_path} not found (pass --tokenizer)")
-        tok = Tokenizer.from_file(str(tok_path))
-        model = LLaVA.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
+        model = LLaVA.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,
+                                      template=args.template)
+        if model.config.template is None:
+            raise ValueError(f"{args.model} does not say which conversation template it uses (no chat template in "
+                             f"its tokenizer files); pass --template")
+        print(f"template: {model.config.template}" + (" (--template)" if args.template else " (from the checkpoint)"))
+        tok = Tokenizer.from_file(str(tok_path), image_token_id=model.config.image_token_id)
         questions = read_jsonl(args.questions, "question file")
         for i, q in enumerate(questions, 1):
             if "question_id" not in q or not isinstance(q.get("text"), str):

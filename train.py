@@ -38,7 +38,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanollava import toy
-from nanollava.checkpoint import load_llava_from_parts, save_projector
+from nanollava.checkpoint import load_from_parts, save_projector
 from nanollava.data import LLaVADataset, LengthGroupedSampler, collate
 from nanollava.fsdp import FSDP
 from nanollava.tokenizer import Tokenizer
@@ -335,7 +335,7 @@ def main(argv=None):
 
     tok = Tokenizer.from_file(find_tokenizer(args))
     projector = stage1_projector(args.stage1_out) if args.stage == 2 else None
-    model = load_llava_from_parts(args.vision_tower, args.llm, projector=projector, device=device,
+    model = load_from_parts(args.vision_tower, args.llm, projector=projector, device=device,
                                   image_token_id=tok.image_token_id, template="vicuna_v1")
     # freezing: stage 1 = projector only; stage 2 = projector + LLM (+ tower if asked)
     for name, p in model.named_parameters():

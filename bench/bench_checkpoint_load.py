@@ -1,7 +1,7 @@
-"""Time and memory of nanollava.checkpoint.load_llava: the weights are held exactly once.
+"""Time and memory of nanollava.checkpoint.load: the weights are held exactly once.
 
 Saves a random LLaVA (CLIP 4 layers + a 6-layer 1024-wide LLaMA with a 32000 vocab,
-~150M params, ~590 MB fp32) with save_llava, then loads it in a fresh process per dtype and
+~150M params, ~590 MB fp32) with checkpoint.save, then loads it in a fresh process per dtype and
 samples the process's anonymous resident memory (RssAnon, Linux) every 2 ms during the load.
 float32 loads are zero-copy: the parameters are the safetensors file's pages (copy-on-write),
 so anonymous memory barely grows; bfloat16 loads cast tensor by tensor, so the growth should
@@ -39,7 +39,7 @@ def measure(directory, dtype):
     thread = threading.Thread(target=watch)
     thread.start()
     t = time.perf_counter()
-    model = checkpoint.load_llava(directory, dtype=getattr(torch, dtype))
+    model = checkpoint.load(directory, dtype=getattr(torch, dtype))
     dt = time.perf_counter() - t
     done.append(True)
     thread.join()
@@ -62,7 +62,7 @@ def main():
                                 num_attention_heads=4, image_size=56, patch_size=14),
             text=TextConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
                             num_attention_heads=8, num_key_value_heads=8))
-        checkpoint.save_llava(LLaVA(config), args.dir)
+        checkpoint.save(LLaVA(config), args.dir)
     size = os.path.getsize(os.path.join(args.dir, "model.safetensors")) / 1e6
     print(f"checkpoint {args.dir}/model.safetensors: {size:.0f} MB\n")
     print("| dtype | params MB | anonymous RSS growth MB (peak) | load s |\n|---|---|---|---|")

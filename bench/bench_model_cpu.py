@@ -13,7 +13,8 @@ import time
 import torch
 import transformers
 
-from nanollava import LLaVA, LLaVAConfig, TextConfig, VisionConfig
+from nanollava import LLaVA, LLaVAConfig, TextConfig, VisionConfig, checkpoint
+from nanollava.llava import num_image_tokens
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -48,14 +49,14 @@ def hf_to_nano_key(k):
 models = {}
 for impl in ("eager", "sdpa"):
     torch.manual_seed(0)
-    hf_config = transformers.LlavaConfig.from_dict(config.to_hf())   # one each: HF stores the choice in it
+    hf_config = transformers.LlavaConfig.from_dict(checkpoint.config_to_hf(config))   # one each: HF stores the choice in it
     models[f"hf-{impl}"] = transformers.LlavaForConditionalGeneration._from_config(hf_config, attn_implementation=impl)
     assert models[f"hf-{impl}"].model.language_model.config._attn_implementation == impl
 nano = LLaVA(config)
 nano.load_state_dict({hf_to_nano_key(k): v for k, v in models["hf-eager"].state_dict().items()})
 models = {"nanollava": nano, **models}
 
-n_img = config.num_image_tokens
+n_img = num_image_tokens(config, (224, 224))
 B, T = args.batch, n_img + args.text
 ids = torch.randint(0, V - 1, (B, T))
 ids[:, 1:1 + n_img] = config.image_token_id

@@ -36,7 +36,7 @@ class CLIPVisionEmbeddings(nn.Module):
     def forward(self, pixel_values):
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, C, h, w)
         N, C = x.shape[:2]
-        if x.shape[2] * x.shape[3] != self.num_patches:
+        if x.shape[2] * x.shape[3] != self.num_patches:         # a wrong image_size in preprocessing
             raise ValueError(f"pixel_values of size {tuple(pixel_values.shape[-2:])} give {x.shape[2]}x{x.shape[3]} "
                              f"patches; the tower expects {self.num_patches} (image_size from its config)")
         x = x.flatten(2).transpose(1, 2)                                      # (N, P, C)
@@ -64,8 +64,6 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIP hidden_act {config.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
         self.act = ACTIVATIONS[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
@@ -118,8 +116,6 @@ class CLIPVisionTower(nn.Module):
         -1 = last block); a list of layers is concatenated on the channel dim. "default" drops CLS."""
         layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
         n_states = len(self.vision_model.encoder.layers) + 1
-        if not all(-n_states <= i < n_states for i in layers):
-            raise ValueError(f"vision_feature_layer {feature_layer} is out of range for a {n_states - 1}-layer tower")
         wanted = {i % n_states for i in layers}
         vm = self.vision_model
         x = vm.pre_layrnorm(vm.embeddings(pixel_values))                      # (N, P+1, C)
@@ -134,6 +130,4 @@ class CLIPVisionTower(nn.Module):
         feats = [states[i % n_states] for i in layers]
         if select_strategy == "default":
             feats = [f[:, 1:] for f in feats]
-        elif select_strategy != "full":
-            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', not {select_strategy!r}")
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)

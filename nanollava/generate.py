@@ -58,13 +58,14 @@ def stream(model, input_ids, pixel_values=None, image_sizes=None, attention_mask
     position = mask[:, :T].sum(-1, keepdim=True)                   # (B, 1) next position of each row
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)      # (B,)
-        token = token.masked_fill(done, pad_token_id)
+        sampled = sample_next(logits[:, -1], temperature, top_p, top_k, generator)    # (B,) vocabulary ids
+        token = sampled.masked_fill(done, pad_token_id)
         done |= torch.isin(token, eos)
         yield token
         if step == max_new_tokens - 1 or bool(done.all()):
             return
-        logits = model(token[:, None], attention_mask=mask[:, :T + step + 1], position_ids=position + step,
+        # finished rows feed back what they sampled, never pad_token_id, which may lie past the embedding
+        logits = model(sampled[:, None], attention_mask=mask[:, :T + step + 1], position_ids=position + step,
                        kv_cache=cache, logits_to_keep=1)
 
 

@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)                       # train.py and data_prep.py live 
 
 import train  # noqa: E402
 from nanollava.checkpoint import load_projector  # noqa: E402
+from nanollava.llava import num_image_tokens  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_stage2_freezes_the_tower_unless_asked_and_export_matches_transformers(p
     from nanollava import LLaVA
     ours = LLaVA.from_pretrained(str(out / "final")).eval()
     hf = LlavaForConditionalGeneration.from_pretrained(str(out / "final")).eval()
-    n_img = ours.config.num_image_tokens
+    n_img = num_image_tokens(ours.config, (32, 32))
     ids = torch.tensor([[1] + [ours.config.image_token_id] * n_img + [7, 8, 9]])
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
