@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanollava import anyres
-from nanollava.config import LLaVAConfig, TextConfig, VisionConfig
+from nanollava.config import CLIP_MEAN, CLIP_STD, LLaVAConfig, TextConfig, VisionConfig
 from nanollava.conversation import TEMPLATES
 from nanollava.llava import PROJECTOR_TYPES, VISION_TOWERS, LLaVA
 
@@ -65,6 +65,31 @@ KEY_RENAMES = [
 ]
 # Buffers some checkpoints carry that LLaVA recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
+# Parts LLaVA never runs: SigLIP's attention-pooling head (the original code replaces it with Identity).
+UNUSED_PREFIXES = ("vision_tower.vision_model.head.",)
+
+# The original code's model_type -> the HF model_type of its LLM.
+ORIGINAL_TEXT_MODEL = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
+
+# Per vision tower: transformers' class defaults for absent config keys, and its image processor's
+# normalisation and image mode (what a checkpoint without nanollava's keys is preprocessed with).
+VISION_TOWER_DEFAULTS = {
+    "clip_vision_model": dict(config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, image_size=224, patch_size=32),
+                              image_mean=CLIP_MEAN, image_std=CLIP_STD, image_mode="pad"),
+    "siglip_vision_model": dict(config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, image_size=224, patch_size=16,
+                                            hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+                                image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), image_mode="squash"),
+}
+# Towers an original LLaVA config names by Hub id (mm_vision_tower) and carries the weights of, when no
+# local copy of the tower's own config is given: the shapes of those weights.
+KNOWN_TOWERS = {
+    "clip-vit-large-patch14-336": dict(model_type="clip_vision_model"),                 # VisionConfig's defaults
+    "siglip-so400m-patch14-384": dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                                      num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14,
+                                      hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+}
 
 # Config keys whose value changes the math: (key, value when absent, values nanollava implements).
 # Any other value is refused, naming the file, the key and the value. The text model_type row is how
@@ -74,35 +99,35 @@ IMPLEMENTED = {
              ("hidden_act", "silu", ("silu",)),
              ("mlp_bias", False, (False,))],
     "vision": [("model_type", "clip_vision_model", tuple(VISION_TOWERS)),
-               ("hidden_act", "quick_gelu", ("quick_gelu", "gelu"))],
-    "llava": [("model_type", "llava", ("llava", "llava_next")),
+               ("hidden_act", "quick_gelu", ("quick_gelu", "gelu", "gelu_pytorch_tanh"))],
+    "llava": [("model_type", "llava", ("llava", "llava_next", "llava_onevision")),
               ("projector_hidden_act", "gelu", ("gelu",)),
               ("multimodal_projector_bias", True, (True,)),
               ("projector_type", "mlp2x_gelu", PROJECTOR_TYPES),
               ("vision_feature_select_strategy", "default", ("default", "full"))],
-    "original": [("model_type", "llava", ("llava", "llava_llama", "llava_mistral")),
+    "original": [("model_type", "llava", tuple(ORIGINAL_TEXT_MODEL)),
                  ("mm_use_im_start_end", False, (False,)),
                  ("mm_projector_type", "linear", PROJECTOR_TYPES),
                  ("mm_vision_select_feature", "patch", ("patch", "cls_patch")),
                  ("mm_patch_merge_type", "flat", ("flat", "spatial_unpad")),
                  ("mm_resampler_type", None, (None,))],
 }
-# The original code's model_type -> the HF model_type of its LLM.
-ORIGINAL_TEXT_MODEL = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
 
 # The conversation template, from the checkpoint's own files. First the chat template (or, failing
 # that, the special tokens) its tokenizer files carry, first sign found wins; then the original code's
 # model_type. A checkpoint that shows none has no template: sample.py and eval.py ask for --template.
 TEMPLATE_SIGNS = [
     ("<|start_header_id|>", "llava_llama_3"),   # the Llama-3 chat format: llama3-llava-next-8b
+    ("<|im_start|>system\nYou are a helpful assistant.", "qwen_1_5"),   # Qwen chatml: OneVision, Interleave
     ("<|im_start|>", "chatml_direct"),          # Yi-34B chatml: llava-v1.6-34b
     ("[INST]", "mistral_instruct"),             # llava-v1.6-mistral-7b
     ("ASSISTANT:", "vicuna_v1"),                # "USER: ... ASSISTANT:": llava-1.5, llava-v1.6-vicuna
 ]
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json", "tokenizer.json")
-# An original LLaVA with a LLaMA-2-vocabulary LLM is Vicuna (LLaVA-1.5, v1.6-vicuna: conv mode vicuna_v1).
+# (model_type, vocabulary size or None for any): an original LLaVA with a LLaMA-2-vocabulary LLM is Vicuna
+# (LLaVA-1.5, v1.6-vicuna: conv mode vicuna_v1); LLaVA-OneVision's Qwen2 is qwen_1_5.
 ORIGINAL_TEMPLATES = {("llava", 32000): "vicuna_v1", ("llava_llama", 32000): "vicuna_v1",
-                      ("llava_mistral", 32000): "mistral_instruct"}
+                      ("llava_mistral", 32000): "mistral_instruct", ("llava_qwen", None): "qwen_1_5"}
 
 CONFIG_NAME = "config.json"
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
@@ -117,7 +142,8 @@ def rename_key(key):
         return None
     for src, dst in KEY_RENAMES:
         if key.startswith(src):
-            return None if dst is None else dst + key[len(src):]
+            name = None if dst is None else dst + key[len(src):]
+            return None if name is None or name.startswith(UNUSED_PREFIXES) else name
     return ""
 
 
@@ -231,31 +257,48 @@ def read_text_config(d, where):
 
 
 def read_vision_config(d, where):
-    """VisionConfig from a CLIP config.json: clip_vision_model, a full CLIPModel (its vision_config), or a
-    llava vision_config; absent keys take CLIPVisionConfig's class defaults, as transformers does."""
-    if d.get("model_type") == "clip" or "vision_config" in d:
-        d = d.get("vision_config") or {}
+    """VisionConfig from a CLIP / SigLIP config.json (a vision model, a whole CLIPModel or SiglipModel, or a
+    llava vision_config); absent keys take the tower's HF class defaults, as transformers does."""
+    if d.get("model_type") in ("clip", "siglip") or "vision_config" in d:
+        d = dict(d.get("vision_config") or {}, model_type=d.get("model_type", "clip") + "_vision_model")
     check_implemented(d, "vision", where)
-    return VisionConfig(**_fields(VisionConfig, d, dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                        num_attention_heads=12, image_size=224, patch_size=32)))
+    model_type = d.get("model_type", "clip_vision_model")
+    return VisionConfig(**_fields(VisionConfig, {**d, "model_type": model_type},
+                                  VISION_TOWER_DEFAULTS[model_type]["config"]))
+
+
+def read_image_processing(directory, vision, default_mode):
+    """(image mode, mean, std): the tower's defaults, with the mean and std of a preprocessor_config.json."""
+    tower = VISION_TOWER_DEFAULTS[vision.model_type]
+    mean, std = tower["image_mean"], tower["image_std"]
+    path = os.path.join(directory, "preprocessor_config.json")
+    if os.path.isfile(path):
+        p = read_json(path)
+        mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+    return default_mode or tower["image_mode"], mean, std
 
 
 def read_llava_hf_config(d, where):
-    """LLaVAConfig from a llava-hf (`llava` / `llava_next`) or nanollava config.json dict."""
+    """LLaVAConfig from a llava-hf (`llava`, `llava_next`, `llava_onevision`) or nanollava config.json dict."""
     check_implemented(d, "llava", where)
     vision = VisionConfig() if d.get("vision_config") is None else read_vision_config(d["vision_config"], where)
     text = read_text_config(d.get("text_config") or {}, where)
     text.tie_word_embeddings = bool(text.tie_word_embeddings or d.get("tie_word_embeddings"))  # transformers ties on either
-    anyres_mode = d.get("model_type") == "llava_next"
+    anyres_mode = d.get("model_type") in ("llava_next", "llava_onevision")
+    m = re.fullmatch(r"anyres_max_(\d+)", d.get("vision_aspect_ratio", ""))   # OneVision: anyres_max_9
+    mode, mean, std = read_image_processing(os.path.dirname(where), vision, d.get("image_aspect_ratio") or
+                                            ("anyres" if anyres_mode else None))
     return LLaVAConfig(
         vision=vision, text=text, projector_type=d.get("projector_type", "mlp2x_gelu"),
         vision_feature_layer=d.get("vision_feature_layer", -2),
         vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
         image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
-        image_aspect_ratio=d.get("image_aspect_ratio", "anyres" if anyres_mode else "pad"),
+        video_token_id=d.get("video_token_index", d.get("video_token_id")),
+        image_aspect_ratio=mode, image_mean=tuple(d.get("image_mean", mean)), image_std=tuple(d.get("image_std", std)),
         image_grid_pinpoints=(parse_pinpoints(d.get("image_grid_pinpoints") or anyres.DEFAULT_PINPOINTS,
-                                              vision.image_size, where) if anyres_mode else None),
-        anyres_max=d.get("anyres_max"), template=d.get("template"))
+                                              vision.image_size, where) if mode == "anyres" else None),
+        anyres_max=d.get("anyres_max", int(m.group(1)) if m else None), image_pooling=d.get("image_pooling"),
+        template=d.get("template"))
 
 
 def parse_pinpoints(pinpoints, tile, where, original=False):
@@ -278,9 +321,12 @@ def parse_pinpoints(pinpoints, tile, where, original=False):
 
 
 def read_original_config(d, vision_dict, where):
-    """LLaVAConfig from an original (haotian-liu / LLaVA-NeXT) config.json + its CLIP tower's config."""
+    """LLaVAConfig from an original (haotian-liu / LLaVA-NeXT) config.json + its vision tower's config."""
     check_implemented(d, "original", where)
     vision = read_vision_config(vision_dict, where)
+    siglip = vision.model_type == "siglip_vision_model"
+    if siglip:      # LLaVA-NeXT deletes SigLIP's last block and takes every token of the new last one
+        vision.num_hidden_layers -= 1
     if d.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
         raise ValueError(f"{where}: mm_hidden_size = {d['mm_hidden_size']} but the vision tower's hidden_size is "
                          f"{vision.hidden_size}: pass vision_tower=<the CLIP directory this LLaVA was built on>")
@@ -291,18 +337,23 @@ def read_original_config(d, vision_dict, where):
                          f"image_aspect_ratio {aspect!r} is not implemented by nanollava (only spatial_unpad)")
     if not m and aspect not in ("square", "pad", "crop"):
         raise ValueError(f"{where}: image_aspect_ratio = {aspect!r} is not implemented by nanollava")
-    text = read_text_config({**d, "model_type": ORIGINAL_TEXT_MODEL[d.get("model_type", "llava")]}, where)
+    model_type = d.get("model_type", "llava")
+    text = read_text_config({**d, "model_type": ORIGINAL_TEXT_MODEL[model_type]}, where)
+    tower = VISION_TOWER_DEFAULTS[vision.model_type]
     return LLaVAConfig(
         vision=vision, text=text, projector_type=d.get("mm_projector_type", "linear"),
-        vision_feature_layer=d.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy="full" if d.get("mm_vision_select_feature") == "cls_patch" else "default",
+        vision_feature_layer=-1 if siglip else d.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="full" if siglip or d.get("mm_vision_select_feature") == "cls_patch"
+        else "default",
         # the original splices one -200 placeholder per image; nanollava expands HF-style ids past the vocab
         image_token_id=d.get("image_token_index", d.get("image_token_id", text.vocab_size)),
-        image_aspect_ratio="anyres" if m else {"square": "crop"}.get(aspect, aspect),
+        # "square": the tower's own processor (CLIP crops, SigLIP squashes)
+        image_aspect_ratio="anyres" if m else tower["image_mode"] if aspect == "square" else aspect,
+        image_mean=tower["image_mean"], image_std=tower["image_std"],
         image_grid_pinpoints=(parse_pinpoints(d.get("image_grid_pinpoints") or anyres.DEFAULT_PINPOINTS,
                                               vision.image_size, where, original=True) if m else None),
         anyres_max=int(m.group(1)) if m and m.group(1) else None,
-        template=ORIGINAL_TEMPLATES.get((d.get("model_type", "llava"), text.vocab_size)))
+        template=ORIGINAL_TEMPLATES.get((model_type, text.vocab_size), ORIGINAL_TEMPLATES.get((model_type, None))))
 
 
 def check_config(config, where):
@@ -313,12 +364,18 @@ def check_config(config, where):
     if not all(isinstance(i, int) and -n_states <= i < n_states for i in layers):
         raise ValueError(f"{where}: vision_feature_layer = {config.vision_feature_layer!r} is out of range for a "
                          f"{n_states - 1}-layer vision tower")
-    if config.image_aspect_ratio not in ("crop", "pad", "anyres"):
+    if config.image_aspect_ratio not in ("crop", "pad", "squash", "anyres"):
         raise ValueError(f"{where}: image_aspect_ratio = {config.image_aspect_ratio!r} is not implemented by "
-                         "nanollava (crop, pad, anyres)")
-    if config.image_aspect_ratio == "anyres" and config.vision_feature_select_strategy != "default":
-        raise ValueError(f"{where}: vision_feature_select_strategy = 'full' with AnyRes is not implemented "
-                         "(packing needs square feature maps)")
+                         "nanollava (crop, pad, squash, anyres)")
+    class_tokens = VISION_TOWERS[config.vision.model_type].class_tokens
+    square = class_tokens == (config.vision_feature_select_strategy == "default")
+    if (config.image_aspect_ratio == "anyres" or config.image_pooling) and not square:
+        raise ValueError(f"{where}: vision_feature_select_strategy = {config.vision_feature_select_strategy!r} with "
+                         f"AnyRes or pooling and a {config.vision.model_type} tower is not implemented (both need "
+                         "square feature maps)")
+    if config.image_pooling not in (None, "before_projector", "after_projector"):
+        raise ValueError(f"{where}: image_pooling = {config.image_pooling!r} is not implemented by nanollava "
+                         "(before_projector, after_projector)")
     if config.text.num_attention_heads % config.text.num_key_value_heads:
         raise ValueError(f"{where}: num_attention_heads ({config.text.num_attention_heads}) is not a multiple of "
                          f"num_key_value_heads ({config.text.num_key_value_heads})")
@@ -364,9 +421,10 @@ def read_config(path, vision_tower=None):
         if clip_dir is None and not has_tower:
             raise FileNotFoundError(f"{where}: the vision tower {d.get('mm_vision_tower')!r} is not a local "
                                     "directory; pass vision_tower=<CLIP checkpoint directory>")
-        # LLaVA-1.6 originals carry their tuned tower: CLIP ViT-L/14-336 unless a CLIP directory says
-        # otherwise (a wrong guess fails the shape check)
-        vision_dict = read_json(os.path.join(clip_dir, CONFIG_NAME)) if clip_dir else VisionConfig().__dict__
+        # LLaVA-1.6 and OneVision originals carry their tuned tower, shaped as the Hub tower they name
+        # (KNOWN_TOWERS), else as CLIP ViT-L/14-336 (a wrong guess fails the shape check)
+        known = next((t for name, t in KNOWN_TOWERS.items() if name in str(d.get("mm_vision_tower"))), {})
+        vision_dict = read_json(os.path.join(clip_dir, CONFIG_NAME)) if clip_dir else {**VisionConfig().__dict__, **known}
         config = read_original_config(d, vision_dict, where)
         directories = [path] if has_tower else [clip_dir, path]
     else:
@@ -396,10 +454,13 @@ def vision_config_to_hf(vision):
 
 
 def config_to_hf(config):
-    """A config.json dict that transformers' Llava(Next)ForConditionalGeneration loads, plus nanollava's keys."""
+    """A config.json dict that transformers' Llava, LlavaNext or LlavaOnevision ForConditionalGeneration loads
+    (anyres_max_N needs OneVision's packing), plus nanollava's own keys."""
     anyres_mode = config.image_aspect_ratio == "anyres"
-    d = dict(architectures=["LlavaNextForConditionalGeneration" if anyres_mode else "LlavaForConditionalGeneration"],
-             model_type="llava_next" if anyres_mode else "llava", vision_config=vision_config_to_hf(config.vision),
+    model_type = "llava" if not anyres_mode else "llava_next" if config.anyres_max is None else "llava_onevision"
+    d = dict(architectures=[{"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                             "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[model_type]],
+             model_type=model_type, vision_config=vision_config_to_hf(config.vision),
              text_config=text_config_to_hf(config.text), image_token_index=config.image_token_id,
              projector_hidden_act="gelu", vision_feature_layer=config.vision_feature_layer,
              vision_feature_select_strategy=config.vision_feature_select_strategy,
@@ -407,9 +468,14 @@ def config_to_hf(config):
              image_seq_length=(config.vision.image_size // config.vision.patch_size) ** 2,
              # nanollava's own keys (transformers ignores them)
              projector_type=config.projector_type, image_aspect_ratio=config.image_aspect_ratio,
-             anyres_max=config.anyres_max, template=config.template)
+             image_mean=list(config.image_mean), image_std=list(config.image_std), anyres_max=config.anyres_max,
+             image_pooling=config.image_pooling, template=config.template)
     if anyres_mode:
         d["image_grid_pinpoints"] = config.image_grid_pinpoints or anyres.DEFAULT_PINPOINTS
+    if config.anyres_max is not None:
+        d["vision_aspect_ratio"] = f"anyres_max_{config.anyres_max}"
+    if config.video_token_id is not None:
+        d["video_token_index"] = config.video_token_id
     return d
 
 

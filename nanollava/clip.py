@@ -6,6 +6,8 @@ projector. Blocks after the selected layer are never run. Parameter names mirror
 CLIPVisionModel (`vision_model.embeddings.patch_embedding`, `vision_model.pre_layrnorm`, ...),
 so an HF CLIP state dict loads with no renaming.
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -101,9 +103,14 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # pooled CLS only; unused
 
+    def embed(self, pixel_values):
+        """hidden_states[0]: the embeddings after pre_layrnorm, (N, P+1, C)."""
+        return self.pre_layrnorm(self.embeddings(pixel_values))
+
 
 class CLIPVisionTower(nn.Module):
     """The LLaVA vision tower: selected-layer CLIP patch features, (N, 3, H, W) -> (N, P(+1), C)."""
+    class_tokens = 1                              # tokens before the patches ("default" drops them)
 
     def __init__(self, config):
         super().__init__()
@@ -117,10 +124,9 @@ class CLIPVisionTower(nn.Module):
         layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
         n_states = len(self.vision_model.encoder.layers) + 1
         wanted = {i % n_states for i in layers}
-        vm = self.vision_model
-        x = vm.pre_layrnorm(vm.embeddings(pixel_values))                      # (N, P+1, C)
+        x = self.vision_model.embed(pixel_values)                             # (N, P+1, C)
         states = {0: x}
-        for i, block in enumerate(vm.encoder.layers[:max(wanted)], start=1):  # blocks past the last wanted never run
+        for i, block in enumerate(self.vision_model.encoder.layers[:max(wanted)], start=1):  # later blocks never run
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:

@@ -1,6 +1,6 @@
 """Model configuration: three small dataclasses, the canonical form every checkpoint is read into.
 
-VisionConfig = the CLIP ViT tower, TextConfig = the LLaMA decoder (Mistral and Qwen2 are LLaMA
+VisionConfig = the CLIP or SigLIP ViT tower, TextConfig = the LLaMA decoder (Mistral and Qwen2 are LLaMA
 plus a field or two), LLaVAConfig = how they are joined, plus the data-side choices sample.py,
 eval.py and data.py read (image mode, pinpoints, conversation template). Field names are HF's.
 
@@ -10,11 +10,14 @@ implement. Defaults are LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px + Vicuna-7B v1.5.
 """
 from dataclasses import dataclass, field
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)    # CLIP's image normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 @dataclass
 class VisionConfig:
-    """CLIP ViT vision tower (HF CLIPVisionConfig fields)."""
-    model_type: str = "clip_vision_model"   # which tower (llava.VISION_TOWERS)
+    """ViT vision tower (HF CLIPVisionConfig / SiglipVisionConfig fields)."""
+    model_type: str = "clip_vision_model"   # which tower: llava.VISION_TOWERS
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_hidden_layers: int = 24
@@ -23,7 +26,7 @@ class VisionConfig:
     patch_size: int = 14
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"          # "quick_gelu" (CLIP) | "gelu"
+    hidden_act: str = "quick_gelu"          # "quick_gelu" (CLIP) | "gelu" | "gelu_pytorch_tanh" (SigLIP)
 
 
 @dataclass
@@ -67,7 +70,11 @@ class LLaVAConfig:
     vision_feature_layer: int | list = -2       # hidden_states index (0 = embeddings); a list is concatenated
     vision_feature_select_strategy: str = "default"   # "default" drops CLS | "full" keeps it
     image_token_id: int = 32000                 # the placeholder id, once per visual token
-    image_aspect_ratio: str = "pad"             # "crop" | "pad" | "anyres" (LLaVA-NeXT)
+    image_aspect_ratio: str = "pad"             # "crop" | "pad" | "squash" (SigLIP's) | "anyres" (LLaVA-NeXT)
+    image_mean: tuple = CLIP_MEAN               # pixel normalisation of the tower's image processor
+    image_std: tuple = CLIP_STD
     image_grid_pinpoints: list | None = None    # anyres canvases as [height, width]; None = LLaVA-1.6's
-    anyres_max: int | None = None               # N of anyres_max_N (LLaVA-OneVision)
+    anyres_max: int | None = None               # N of anyres_max_N (LLaVA-OneVision): a grid's token threshold
+    image_pooling: str | None = None            # 2x2 pooling of every view: "before_projector" | "after_projector"
+    video_token_id: int | None = None           # LLaVA-OneVision's video placeholder id
     template: str | None = "vicuna_v1"          # conversation template; None = not known

@@ -9,9 +9,11 @@ A template is the text around each turn (TEMPLATES):
   chatml_direct     (v1.6-34b) "<|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n{q}
                     <|im_end|><|im_start|>assistant\\n{a}<|im_end|>..." (no newline between turns)
   llava_llama_3     (llama3-llava-next-8b) the Llama-3 chat format with LLaVA-NeXT's system prompt.
+  qwen_1_5          (LLaVA-OneVision, -Interleave, the NeXT ablations) Qwen's chatml: "<|im_start|>system\n
+                    You are a helpful assistant.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n..."
 Every reply is supervised up to and including the token that ends it; everything the user or the
-template wrote is not (-100), except that llava_llama_3 also supervises every template special token,
-as LLaVA-NeXT's `preprocess_llama3` does.
+template wrote is not (-100), except that llava_llama_3 and qwen_1_5 also supervise every template
+special token (qwen_1_5: and every "\n" token), as LLaVA-NeXT's `preprocess_llama3` / `preprocess_qwen` do.
 
 Labels are built constructively instead of the originals' recount of token lengths (which masks a
 whole sample, silently, on a "tokenization mismatch"): the prompt is cut at template special tokens
@@ -44,7 +46,8 @@ class Template:
     generation: str = ""         # what a prompt for generation ends with, after the last user turn
     stop: str = "</s>"           # the token that ends a reply (generation stops on it)
     specials: tuple = ("</s>",)  # template strings that are one special token each
-    label_specials: bool = False  # also supervise every template special token (preprocess_llama3)
+    label_specials: bool = False  # also supervise every template special token (preprocess_llama3, _qwen)
+    label_newlines: bool = False  # also supervise every "\n" token (preprocess_qwen)
     strip: bool = False          # trim every message (the Llama-3 chat template's `| trim`)
 
 
@@ -68,6 +71,10 @@ TEMPLATES = {
                               "<|start_header_id|>assistant<|end_header_id|>\n\n{}<|eot_id|>",
                               generation="<|start_header_id|>assistant<|end_header_id|>\n\n",
                               stop="<|eot_id|>", specials=_LLAMA3, label_specials=True, strip=True),
+    "qwen_1_5": Template("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+                         "<|im_start|>user\n{}<|im_end|>\n", "<|im_start|>assistant\n{}<|im_end|>\n",
+                         generation="<|im_start|>assistant\n", stop="<|im_end|>",
+                         specials=("<|im_start|>", "<|im_end|>"), label_specials=True, label_newlines=True),
 }
 
 
@@ -163,13 +170,15 @@ def _build(messages, tok, template, num_image_tokens, for_generation):
     counts = iter(_image_counts(messages, num_image_tokens))
     ids, labels = [], []
     run, run_sup = "", []                    # text between special tokens, and per character: supervised?
+    newline = tok.encode("\n") if t.label_newlines else []
 
     def flush():
         nonlocal run, run_sup
         if run:
             for token, (start, _) in zip(*tok.encode_with_offsets(run)):
                 ids.append(token)
-                labels.append(token if run_sup[min(start, len(run) - 1)] else IGNORE_INDEX)
+                supervised = run_sup[min(start, len(run) - 1)] or [token] == newline
+                labels.append(token if supervised else IGNORE_INDEX)
         run, run_sup = "", []
 
     def special(token_id, supervised):

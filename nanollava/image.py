@@ -1,14 +1,16 @@
 """Image preprocessing for the vision tower (CLIP paper; LLaVA-1.5 paper §3 "pad"; LLaVA-NeXT AnyRes).
 
   crop    resize the shortest edge to image_size (PIL bicubic) + center crop (CLIPImageProcessor)
-  pad     paste centered on a square of side max(w, h) filled with the mean colour (122, 116, 104),
-          then the CLIP steps (original LLaVA `expand2square`, image_aspect_ratio="pad")
+  pad     paste centered on a square of side max(w, h) filled with the mean colour (122, 116, 104
+          for CLIP), then crop (original LLaVA `expand2square`, image_aspect_ratio="pad")
+  squash  resize to image_size x image_size, aspect ratio not kept (SiglipImageProcessor)
   anyres  LLaVA-NeXT: a base view squashed to image_size, then the image_size tiles of the image
           fitted onto the best grid pinpoint canvas (geometry in nanollava/anyres.py)
 
-then x / 255, normalise with the CLIP mean / std. Matches transformers' CLIPImageProcessor and
-LlavaNextImageProcessor (PIL backend) to float rounding, including their RGB conversion (alpha
-composited onto white) and resize-size rounding (long edge = int(size * long / short)).
+then x / 255, normalise with the tower's mean / std (CLIP's, or SigLIP's 0.5). Matches
+transformers' CLIPImageProcessor, SiglipImageProcessor and LlavaNextImageProcessor (PIL backend) to
+float rounding, including their RGB conversion (alpha composited onto white) and resize-size
+rounding (long edge = int(size * long / short)).
 """
 import math
 
@@ -16,13 +18,11 @@ import torch
 from PIL import Image
 
 from nanollava import anyres
-from nanollava.config import LLaVAConfig
+from nanollava.config import CLIP_MEAN, CLIP_STD, LLaVAConfig
 from nanollava.llava import num_image_tokens as _num_image_tokens
 from nanollava.llava import pinpoints as _pinpoints
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MODES = ("crop", "pad", "anyres")
+MODES = ("crop", "pad", "squash", "anyres")
 
 
 def to_rgb(img):
@@ -95,10 +95,11 @@ def process(img, mode=None, image_size=336, mean=CLIP_MEAN, std=CLIP_STD, pinpoi
 
     mode="anyres": pixels are (1 + gh*gw, 3, image_size, image_size), base view first, over
     `pinpoints` ([height, width] canvases; default LLaVA-v1.6's). A LLaVAConfig `config` supplies the
-    mode (unless given), image_size and pinpoints.
+    mode (unless given), image_size, mean, std and pinpoints.
     """
     if config is not None:
         mode, image_size, pinpoints = mode or config.image_aspect_ratio, config.vision.image_size, _pinpoints(config)
+        mean, std = config.image_mean, config.image_std
     mode = mode or "pad"
     if mode not in MODES:
         raise ValueError(f"unsupported image mode {mode!r}; supported: {', '.join(MODES)}")
@@ -111,6 +112,8 @@ def process(img, mode=None, image_size=336, mean=CLIP_MEAN, std=CLIP_STD, pinpoi
     if mode == "anyres":
         canvas = anyres.select_best_resolution((h, w), pinpoints or anyres.DEFAULT_PINPOINTS)
         return torch.stack([normalize(v, mean, std) for v in tiles(img, canvas, image_size)]), (h, w)
+    if mode == "squash":
+        return normalize(img.resize((image_size, image_size), Image.Resampling.BICUBIC), mean, std), (h, w)
     if mode == "pad":
         img = expand2square(img, tuple(int(m * 255) for m in mean))   # (122, 116, 104) for CLIP
     return normalize(resize_shortest_edge_and_crop(img, image_size), mean, std), (h, w)

@@ -1,17 +1,22 @@
-"""LLaVA (Liu et al. 2023), LLaVA-1.5 ("Improved Baselines") and LLaVA-NeXT: vision tower -> projector -> LLM.
+"""LLaVA (Liu et al. 2023), LLaVA-1.5 ("Improved Baselines"), LLaVA-NeXT and LLaVA-OneVision:
+vision tower -> projector -> LLM.
 
-An image (or, with AnyRes, its base view and tiles) goes through the CLIP tower; the patch features
-of a middle layer go through the projector (LLaVA-1.0 `linear`, LLaVA-1.5 `mlp2x_gelu` = Linear ->
-GELU -> Linear) into the LLM's embedding space; AnyRes images are then packed (nanollava/anyres.py).
-The prompt holds the image placeholder id once per visual token (HF convention), so the visual
-tokens simply overwrite those positions and the LLaMA decoder runs on the result.
-`num_image_tokens` says how many tokens an image becomes, from the same geometry.
+An image (or, with AnyRes, its base view and tiles) goes through the vision tower (CLIP or SigLIP);
+the patch features of a chosen layer go through the projector (LLaVA-1.0 `linear`, LLaVA-1.5
+`mlp2x_gelu` = Linear -> GELU -> Linear) into the LLM's embedding space, optionally 2x2-pooled
+before or after it (the LLaVA-NeXT ablations' "Pooling"); AnyRes images are then packed
+(nanollava/anyres.py). A OneVision video's frames are projected, 2x2-pooled and closed by one
+image_newline. The prompt holds the image (or video) placeholder id once per visual token (HF
+convention), so the visual tokens simply overwrite those positions and the decoder runs on the
+result. `num_image_tokens` and `num_video_tokens` say how many tokens an input becomes.
 
 Parameter names are the llava-hf Hub layout (`vision_tower.vision_model.*`,
 `multi_modal_projector.linear_{1,2}.*`, `language_model.model.*`, `language_model.lm_head.*`,
 `image_newline`). Loading and saving checkpoints is nanollava/checkpoint.py's job, which binds
 `LLaVA.from_pretrained` and `LLaVA.save_pretrained` (see nanollava/__init__.py).
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from nanollava import anyres
 from nanollava.clip import CLIPVisionTower
 from nanollava.llama import LlamaForCausalLM
+from nanollava.siglip import SiglipVisionTower
 
 IGNORE_INDEX = -100
 
@@ -37,7 +43,7 @@ class MultiModalProjector(nn.Module):
 
 
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
-VISION_TOWERS = {"clip_vision_model": CLIPVisionTower}        # VisionConfig.model_type -> tower
+VISION_TOWERS = {"clip_vision_model": CLIPVisionTower, "siglip_vision_model": SiglipVisionTower}  # by model_type
 
 
 def pinpoints(config):
@@ -45,16 +51,35 @@ def pinpoints(config):
     return config.image_grid_pinpoints or anyres.DEFAULT_PINPOINTS
 
 
+def pool2x2(x):
+    """Bilinear 2x2 pooling of square feature maps, (N, side^2, C) -> (N, ceil(side / 2)^2, C)
+    (LLaVA-OneVision's `apply_pooling`)."""
+    N, n, C = x.shape
+    side = math.isqrt(n)
+    x = F.interpolate(x.view(N, side, side, C).permute(0, 3, 1, 2), size=(math.ceil(side / 2),) * 2,
+                      mode="bilinear")
+    return x.permute(0, 2, 3, 1).reshape(N, -1, C)
+
+
 def num_image_tokens(config, image_size):
     """Visual tokens an image of image_size (h, w) becomes: exactly what LLaVA.encode_images emits.
 
-    crop/pad: one (image_size / patch_size)^2 feature map (+1 for the CLS with "full");
-    anyres: base view + unpadded tile grid + one newline per row (anyres.num_tokens).
+    crop/pad/squash: one view's features, (image_size / patch_size)^2 patches (+1 for CLIP's CLS with
+    "full"; ceil(side / 2)^2 with image_pooling); anyres: base view + unpadded tile grid + one newline
+    per row (anyres.num_tokens).
     """
     tile, side = config.vision.image_size, config.vision.image_size // config.vision.patch_size
+    side = math.ceil(side / 2) if config.image_pooling else side
     if config.image_aspect_ratio == "anyres":
         return anyres.num_tokens(image_size, pinpoints(config), tile, side, config.anyres_max)
-    return side * side + (config.vision_feature_select_strategy == "full")
+    class_tokens = VISION_TOWERS[config.vision.model_type].class_tokens
+    return side * side + class_tokens - (config.vision_feature_select_strategy == "default")
+
+
+def num_video_tokens(config, frames):
+    """Visual tokens a OneVision video of `frames` frames becomes: each frame's 2x2-pooled map, then one
+    image_newline (what LLaVA.encode_videos emits)."""
+    return frames * math.ceil(config.vision.image_size // config.vision.patch_size / 2) ** 2 + 1
 
 
 class LLaVA(nn.Module):
@@ -66,7 +91,7 @@ class LLaVA(nn.Module):
         self.multi_modal_projector = MultiModalProjector(config.vision.hidden_size * n_layers,
                                                          config.text.hidden_size, config.projector_type)
         self.language_model = LlamaForCausalLM(config.text)
-        if config.image_aspect_ratio == "anyres":        # LLaVA-NeXT: a learned end-of-row token
+        if config.image_aspect_ratio == "anyres" or config.video_token_id is not None:   # NeXT: end-of-row token
             self.image_newline = nn.Parameter(torch.empty(config.text.hidden_size))
             self.reset_parameters()
 
@@ -85,11 +110,14 @@ class LLaVA(nn.Module):
         """Per-block activation checkpointing in the vision tower and the LLM (training only)."""
         self.vision_tower.gradient_checkpointing = self.language_model.model.gradient_checkpointing = value
 
-    def project_images(self, pixel_values):
-        """(N, 3, S, S) views -> tower at vision_feature_layer -> projector: (N, n, C_text)."""
+    def project_images(self, pixel_values, pooling=None):
+        """(N, 3, S, S) views -> tower at vision_feature_layer -> projector: (N, n, C_text), with
+        `pooling` (default: config.image_pooling) 2x2 before or after the projector."""
+        pooling = pooling or self.config.image_pooling
         feats = self.vision_tower(pixel_values, self.config.vision_feature_layer,
                                   self.config.vision_feature_select_strategy)
-        return self.multi_modal_projector(feats)
+        x = self.multi_modal_projector(pool2x2(feats) if pooling == "before_projector" else feats)
+        return pool2x2(x) if pooling == "after_projector" else x
 
     def encode_images(self, pixel_values, image_sizes=None):
         """Visual tokens per image: a list of (num_image_tokens(config, size), C_text) tensors.
@@ -113,27 +141,39 @@ class LLaVA(nn.Module):
                 else anyres.pack_image_features(f[0], f[1:], size, grid, newline, self.config.anyres_max)
                 for f, size, grid in zip(feats, sizes, grids)]
 
-    def embed(self, input_ids, pixel_values=None, image_sizes=None):
-        """Token embeddings (B, T, C) with the images' visual tokens written over their placeholders,
-        in order of appearance across the batch (row-major)."""
-        is_image = input_ids == self.config.image_token_id                  # (B, T)
-        x = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))  # the id may lie past the vocab
-        n_tokens = int(is_image.sum())
-        if pixel_values is None:
+    def encode_videos(self, pixel_values_videos):
+        """LLaVA-OneVision videos (V, F, 3, S, S) -> per video (num_video_tokens(config, F), C_text): every
+        frame projected and 2x2-pooled, the frames in order, then one image_newline."""
+        V, frames = pixel_values_videos.shape[:2]
+        x = self.project_images(pixel_values_videos.flatten(0, 1), pooling="after_projector")
+        x = x.reshape(V, -1, x.shape[-1])                                     # (V, F * pooled, C)
+        return [torch.cat((v, self.image_newline[None].to(v.dtype))) for v in x]
+
+    def embed(self, input_ids, pixel_values=None, image_sizes=None, pixel_values_videos=None):
+        """Token embeddings (B, T, C) with the visual tokens of the images (and videos) written over their
+        placeholders, in order of appearance across the batch (row-major)."""
+        is_image = input_ids == self.config.image_token_id                                 # (B, T)
+        is_video = input_ids == (-1 if self.config.video_token_id is None else self.config.video_token_id)
+        x = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image | is_video, 0))  # ids past the vocab
+        x = self._fill(x, is_image, pixel_values, lambda: self.encode_images(pixel_values, image_sizes), "image")
+        return self._fill(x, is_video, pixel_values_videos, lambda: self.encode_videos(pixel_values_videos), "video")
+
+    def _fill(self, x, where, pixels, encode, what):
+        n_tokens = int(where.sum())
+        if pixels is None:
             if n_tokens:
-                raise ValueError(f"input_ids has {n_tokens} image tokens but no pixel_values were given")
+                raise ValueError(f"input_ids has {n_tokens} {what} tokens but no pixel values were given")
             return x
-        feats = torch.cat(self.encode_images(pixel_values, image_sizes))    # (M, C)
+        feats = torch.cat(encode())                                          # (M, C)
         if n_tokens != feats.shape[0]:
-            raise ValueError(f"input_ids has {n_tokens} image tokens but the images give {feats.shape[0]} features "
-                             f"({len(pixel_values)} images); each image needs num_image_tokens(config, size) "
-                             f"placeholders (id {self.config.image_token_id})")
-        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+            raise ValueError(f"input_ids has {n_tokens} {what} tokens but the {len(pixels)} {what}s give "
+                             f"{feats.shape[0]} features; each needs num_{what}_tokens(config, ...) placeholders")
+        return x.masked_scatter(where[..., None], feats.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
-                kv_cache=None, logits_to_keep=0):
+                kv_cache=None, logits_to_keep=0, pixel_values_videos=None):
         """Logits (B, T, V) float32 (only the last `logits_to_keep` positions when > 0)."""
-        x = self.embed(input_ids, pixel_values, image_sizes)
+        x = self.embed(input_ids, pixel_values, image_sizes, pixel_values_videos)
         return self.language_model(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
                                    kv_cache=kv_cache, logits_to_keep=logits_to_keep)
 

@@ -364,6 +364,13 @@ GOLDEN = {
         "<image>\nWhat is in the image?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA red circle."
         "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHow many sides?<|eot_id|><|start_header_id|>"
         "assistant<|end_header_id|>\n\n"),
+    "qwen_1_5": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is in the "
+        "image?<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|>\n<|im_start|>user\nHow many sides?"
+        "<|im_end|>\n<|im_start|>assistant\nNone.<|im_end|>\n",
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is in the "
+        "image?<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|>\n<|im_start|>user\nHow many sides?"
+        "<|im_end|>\n<|im_start|>assistant\n"),
 }
 LLAMA3_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 LLAMA3_CHAT_TEMPLATE = (  # Meta-Llama-3-8B-Instruct's tokenizer_config.json
@@ -385,6 +392,7 @@ def test_prompt_strings_equal_llava_next_conversation_py(template):
 
 
 SPECIALS = {"chatml_direct": ["<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"],
+            "qwen_1_5": ["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<image>"],      # Qwen: no bos
             "llava_llama_3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                               "<|eot_id|>", "<image>"]}
 
@@ -401,7 +409,7 @@ def byte_level(template):
     t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS[template],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                       show_progress=False))
-    bos, eos = SPECIALS[template][:2]
+    bos, eos = SPECIALS[template][:2] if template != "qwen_1_5" else ("<none>", "<|im_end|>")
     return Tokenizer(t, bos=bos, eos=eos)
 
 
@@ -474,8 +482,30 @@ def orig_preprocess_llama3(messages, tok):
     return ids, target, False
 
 
+def orig_preprocess_qwen(messages, tok):
+    """preprocess_qwen: each turn through the chat template it sets, "<|im_start|>{role}\n{content}<|im_end|>\n";
+    user turns masked, assistant turns supervised, and every <|im_start|>, <|im_end|> and "\n" (Qwen's id 198;
+    here this tokenizer's) unmasked. No bos."""
+    from transformers import PreTrainedTokenizerFast
+    hf = PreTrainedTokenizerFast(tokenizer_object=_hf_style(tok))
+    hf.chat_template = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+                        "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                        "{% endif %}")
+    values = orig_preprocess_multimodal([m["value"] for m in messages])
+    ids = list(hf.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."}], return_dict=False))
+    target = [IGNORE_INDEX] * len(ids)
+    for k, v in enumerate(values):
+        role = ("user", "assistant")[k % 2]
+        enc = list(hf.apply_chat_template([{"role": role, "content": v}], return_dict=False))
+        ids += enc
+        target += [IGNORE_INDEX] * len(enc) if role == "user" else enc
+    unmask = {hf.convert_tokens_to_ids("<|im_start|>"), hf.convert_tokens_to_ids("<|im_end|>")} | set(hf("\n").input_ids)
+    target = [i if i in unmask else lab for i, lab in zip(ids, target)]
+    return ids, target, False
+
+
 ORIGINAL_PREPROCESS = {"mistral_instruct": orig_preprocess_llama_2, "chatml_direct": orig_preprocess_mpt,
-                       "llava_llama_3": orig_preprocess_llama3}
+                       "llava_llama_3": orig_preprocess_llama3, "qwen_1_5": orig_preprocess_qwen}
 
 
 @SETTINGS
@@ -490,9 +520,10 @@ def test_labels_agree_with_llava_next_preprocess(tok, msgs, n_img, template):
     o_ids, o_labels = expand(o_ids, o_labels, tk.image_token_id, n_img)
     assert ids == o_ids
     assert labels == o_labels
-    # every reply and its end-of-turn token are supervised
+    # every reply and its end-of-turn token are supervised (llama3 and qwen: every end-of-turn token)
     stop = tk.special_id(conversation.TEMPLATES[template].stop)
-    assert sum(lab == stop for lab in labels) == len(msgs) // 2 + (template == "llava_llama_3") * (len(msgs) // 2 + 1)
+    n = len(msgs) // 2
+    assert sum(lab == stop for lab in labels) == (2 * n + 1 if conversation.TEMPLATES[template].label_specials else n)
 
 
 @pytest.mark.parametrize("template", sorted(ORIGINAL_PREPROCESS))
