@@ -289,15 +289,42 @@ def flops_per_token(model_numel, llm_numel, trainable_numel):
     return 2 * model_numel + 2 * llm_numel + 2 * trainable_numel
 
 
-def peak_flops(device):
-    """Dense bf16 peak of the GPU (None when unknown or on CPU): for MFU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
-        if key in name:
-            return flops
-    return None
+# dense (no sparsity) bf16 tensor-core peak per GPU, from NVIDIA's datasheets; the first name
+# that torch.cuda.get_device_name() contains wins, so the specific variants come first
+PEAK_BF16_FLOPS = (
+    ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),     # H100 SXM
+    ("H200 NVL", 835e12), ("H200", 989e12),                             # H200 SXM, GH200
+    ("A100", 312e12),                                                   # SXM and PCIe
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("4090", 165e12),                                                   # GeForce: fp32 accumulate
+)
+
+
+def peak_flops(gpu_name):
+    """Dense bf16 peak FLOP/s of a GPU, by its CUDA device name (for MFU); None when unknown."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in gpu_name), None)
+
+
+def elapsed(t0, device):
+    """Seconds since t0, once the GPU has finished the work queued so far: CUDA kernels run
+    asynchronously, so without the sync a step's time would end before its last backward,
+    clip and optimizer step, and tokens/s and MFU would read high."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time() - t0
+
+
+def no_image_term(model, device):
+    """0 x the tower + projector on one zero image, added to the loss of a micro-batch without
+    images (as the original LLaVA feeds text-only samples a zero image): every rank then runs
+    the same FSDP units and collectives whatever its micro-batch holds. It runs before the
+    model's own forward, as the tower does for images, so backward visits the units in the same
+    order on every rank."""
+    S = model.config.vision.image_size
+    term = 0 * model.project_images(torch.zeros(1, 3, S, S, device=device)).sum()
+    if getattr(model, "image_newline", None) is not None:              # AnyRes
+        term = term + 0 * model.image_newline.sum()
+    return term
 
 
 def memory_string(device):
@@ -400,7 +427,8 @@ def main(argv=None):
             epoch, micro_pos = epoch + 1, 0
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-    fpt, peak = flops_per_token(model_numel, llm_numel, trainable_numel), peak_flops(device)
+    fpt = flops_per_token(model_numel, llm_numel, trainable_numel)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     batches = micro_batches()
     bar = tqdm(total=max_steps, initial=step, disable=not master_process, desc=f"stage {args.stage}",
                dynamic_ncols=True)
@@ -413,9 +441,10 @@ def main(argv=None):
             batch = next(batches)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with autocast:
+                extra = no_image_term(model, device) if batch["pixel_values"] is None else 0
                 loss = model.loss(batch["input_ids"], batch["labels"], batch["pixel_values"],
                                   batch["image_sizes"], batch["attention_mask"])
-            (loss / accum).backward()
+            ((loss + extra) / accum).backward()
             loss_sum += loss.detach() / accum
             tokens += batch["attention_mask"].sum()
         grad_norm = fsdp.clip_grad_norm_(args.grad_clip)
@@ -429,7 +458,7 @@ def main(argv=None):
             stats = torch.stack([loss_sum, tokens])
             dist.all_reduce(stats)
             loss_sum, tokens = stats[0] / world, stats[1]
-        dt = time.time() - t0
+        dt = elapsed(t0, device)
         steps_done += 1
         if master_process:
             tok_s = tokens.item() / dt
