@@ -319,7 +319,7 @@ def build_toy(out, seed=0, max_turns=8, workers=1, limit=None):
 
     # tokenizer on the TRAIN split's text (+ the templates' fixed strings); the test split stays unseen
     texts = [t["value"].replace("<image>", "") for r in stage1 + stage2 for t in r["conversations"]]
-    texts += [conversation.SYSTEMS["vicuna_v1"], conversation.SYSTEMS["llava_v1"], "USER: ASSISTANT:",
+    texts += [conversation.SYSTEM_USER, conversation.SYSTEM_HUMAN, "USER: ASSISTANT:",
               conversation.MULTIPLE_CHOICE]
     tok = train_bpe(texts, vocab_size=512)
     tok_path = os.path.join(out, "tokenizer.json")

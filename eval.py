@@ -25,7 +25,7 @@ What a run guarantees:
     --retry-errors. Over-long prompts are refused unless --truncate-prompts, which cuts the start
     of the question text (the question and its answer-format line are at its end) with a warning.
   - Every answer record's `metadata` names the model (sha256 of its files and tokenizer) and the
-    settings that change answers (dtype, max_new_tokens); resuming into an answer file made by
+    settings that change answers (template, dtype, max_new_tokens); resuming into an answer file made by
     another model, other settings or another question file is an error. (--truncate-prompts is
     not one of them: it only answers questions that would otherwise fail.)
   - Scoring counts failed and missing answers as wrong, and says how many there were ("missing":
@@ -239,8 +239,8 @@ def collate_left(items, pad_id):
     return input_ids, attention_mask, pixel_values, image_sizes
 
 
-def generate_texts(model, tok, items, max_new_tokens, device):
-    """Greedy answers of a batch of built prompts, up to the first eos."""
+def generate_texts(model, tok, items, max_new_tokens, device, stop):
+    """Greedy answers of a batch of built prompts, each up to its first stop token (the template's)."""
     import torch
     from nanollava.generate import generate
     input_ids, mask, pixel_values, image_sizes = collate_left(items, tok.pad_id)
@@ -248,11 +248,10 @@ def generate_texts(model, tok, items, max_new_tokens, device):
         new = generate(model, input_ids.to(device),
                        pixel_values=None if pixel_values is None else pixel_values.to(device),
                        image_sizes=None if image_sizes is None else image_sizes.to(device),
-                       attention_mask=mask.to(device), max_new_tokens=max_new_tokens, temperature=0.0)
-    texts = []
-    for row in new.tolist():
-        texts.append(tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row).strip())
-    return texts
+                       attention_mask=mask.to(device), max_new_tokens=max_new_tokens, temperature=0.0,
+                       eos_token_id=stop)
+    return [tok.decode(row[:next((k for k, t in enumerate(row) if t in stop), len(row))]).strip()
+            for row in new.tolist()]
 
 
 def answer_questions(model, tok, questions, image_folder, answers_path, batch_size=8,
@@ -261,8 +260,10 @@ def answer_questions(model, tok, questions, image_folder, answers_path, batch_si
     """Greedy answers for every question not yet in answers_path, appended batch by batch.
     Returns counts: dict(done, skipped, errors)."""
     from tqdm import tqdm
+    from nanollava import conversation
     config = model.config
     template = template or config.template
+    stop = conversation.stop_ids(tok, template)
     settings = settings or {}
     done = load_existing_answers(answers_path, questions, settings, retry_errors)
     todo = [q for q in questions if q["question_id"] not in done]
@@ -278,11 +279,11 @@ def answer_questions(model, tok, questions, image_folder, answers_path, batch_si
             except (OSError, ValueError) as e:   # image missing/unreadable/too large/outside, bad text, too long
                 errors[i] = str(e)
         try:
-            texts = dict(zip(items, generate_texts(model, tok, list(items.values()), max_new_tokens, device)))
+            texts = dict(zip(items, generate_texts(model, tok, list(items.values()), max_new_tokens, device, stop)))
         except (RuntimeError, ValueError):       # one question must not take its batch with it
             for i, item in items.items():
                 try:
-                    texts[i] = generate_texts(model, tok, [item], max_new_tokens, device)[0]
+                    texts[i] = generate_texts(model, tok, [item], max_new_tokens, device, stop)[0]
                 except (RuntimeError, ValueError) as e:
                     errors[i] = f"generation failed: {type(e).__name__}: {e}"
         lines = []
@@ -497,6 +498,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory (nanollava / llava-hf / original LLaVA)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: MODEL/tokenizer.json)")
+    p.add_argument("--template", help="conversation template (default: the checkpoint's)")
     p.add_argument("--questions", help="LLaVA question jsonl: question_id, image, text[, category]")
     p.add_argument("--image-folder", default="data/toy/images",
                    help="directory the question images are relative to (no image may lie outside it)")
@@ -532,14 +534,19 @@ def main(argv=None):
         tok_path = Path(args.tokenizer or Path(args.model) / "tokenizer.json")
         if not tok_path.is_file():
             raise FileNotFoundError(f"tokenizer {tok_path} not found (pass --tokenizer)")
-        tok = Tokenizer.from_file(str(tok_path))
-        model = LLaVA.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
+        model = LLaVA.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,
+                                      template=args.template)
+        if model.config.template is None:
+            raise ValueError(f"{args.model} does not say which conversation template it uses (no chat template in "
+                             f"its tokenizer files); pass --template")
+        print(f"template: {model.config.template}" + (" (--template)" if args.template else " (from the checkpoint)"))
+        tok = Tokenizer.from_file(str(tok_path), image_token_id=model.config.image_token_id)
         context = model.config.text.max_position_embeddings
         if args.max_new_tokens >= context:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
                              f"model's context of {context} positions")
-        settings = dict(model_sha256=model_fingerprint(args.model, tok_path), dtype=args.dtype,
-                        max_new_tokens=args.max_new_tokens)
+        settings = dict(model_sha256=model_fingerprint(args.model, tok_path), template=model.config.template,
+                        dtype=args.dtype, max_new_tokens=args.max_new_tokens)
         t0 = time.time()
         c = answer_questions(model, tok, questions, args.image_folder, args.answers, args.batch_size,
                              args.max_new_tokens, args.device, Path(args.model).name, settings=settings,

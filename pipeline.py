@@ -23,7 +23,7 @@ Evaluation is the held-out easy-vqa TEST split (never trained on): open-question
 (exact match after VQA normalisation, all questions) and POPE-style yes/no accuracy / F1 over
 the yes/no questions (eval.py --benchmark toy).
 
-Toy overrides of the LLaVA-1.5 recipe (REFERENCE §4; train.py's own defaults stay the recipe's),
+Toy overrides of the LLaVA-1.5 recipe (docs/llava.md §4; train.py's own defaults stay the recipe's),
 all in TOY_TRAIN below: global batch 32 in both stages (the toy has 4K images, not 558K: 256 or
 128 would leave a handful of steps per epoch) and a stage-2 lr of 2e-3 instead of 2e-5 (a 1M-parameter
 LLaMA pretrained for seconds, not Vicuna-7B). The toy data is built with 2 QA turns per stage-2
@@ -92,11 +92,11 @@ def assemble(model_dir, clip_dir, llm_dir, projector, seed, tokenizer):
     With projector=None the projector is freshly initialised (seeded): the "no visual training" row.
     """
     import torch
-    from nanollava.checkpoint import load_llava_from_parts
+    from nanollava.checkpoint import load_from_parts
     from nanollava.tokenizer import Tokenizer
     torch.manual_seed(seed)
     tok = Tokenizer.from_file(tokenizer)
-    model = load_llava_from_parts(clip_dir, llm_dir, projector=projector, image_token_id=tok.image_token_id,
+    model = load_from_parts(clip_dir, llm_dir, projector=projector, image_token_id=tok.image_token_id,
                                   template="vicuna_v1")
     model.save_pretrained(model_dir)
     shutil.copyfile(tokenizer, os.path.join(model_dir, "tokenizer.json"))

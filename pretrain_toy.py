@@ -19,7 +19,7 @@ only (the test split is never read):
 Both are saved as HuggingFace-format directories: config.json + model.safetensors with the
 CLIPVisionModel (`vision_model.*`) and LlamaForCausalLM (`model.*`, `lm_head.*`) keys, plus
 the tokenizer next to the LLaMA (as Vicuna ships one). transformers loads them, and
-train.py reads them through nanollava.checkpoint.load_llava_from_parts, the same code path as
+train.py reads them through nanollava.checkpoint.load_from_parts, the same code path as
 real CLIP and Vicuna weights. Sizes and step counts: nanollava/toy.py.
 
     python pretrain_toy.py                         # data/toy -> out/toy/clip, out/toy/llama
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from nanollava import conversation, toy
+from nanollava import checkpoint, conversation, toy
 from nanollava import image as image_lib
 from nanollava.clip import CLIPVisionTower
 from nanollava.llama import LlamaForCausalLM
@@ -189,7 +189,7 @@ def pretrain_vision(args, records):
                   f"{stats[0] / seen:.3f} colour {stats[1] / seen:.3f} | {time.time() - t0:.1f}s")
             stats, seen = torch.zeros(2), 0
     out = os.path.join(args.out, "clip")
-    config_json = dict(config.to_hf(), architectures=["CLIPVisionModel"], torch_dtype="float32")
+    config_json = dict(checkpoint.vision_config_to_hf(config), architectures=["CLIPVisionModel"], torch_dtype="float32")
     save_hf(model.tower.state_dict(), config_json, out)   # keys vision_model.* (HF CLIPVisionModel)
     print(f"vision: saved {out} ({sum(p.numel() for p in model.tower.parameters()) / 1e6:.2f}M params, "
           f"{time.time() - t0:.1f}s)")
@@ -243,7 +243,7 @@ def pretrain_text(args, stage1, stage2):
             print(f"text step {step:4d}/{hp['steps']} | loss {loss.item():.4f} | {(step + 1) * B * T / dt:.0f} tok/s"
                   f" | {dt:.1f}s")
     out = os.path.join(args.out, "llama")
-    config_json = dict(config.to_hf(), architectures=["LlamaForCausalLM"], torch_dtype="float32")
+    config_json = dict(checkpoint.text_config_to_hf(config), architectures=["LlamaForCausalLM"], torch_dtype="float32")
     save_hf(model.state_dict(), config_json, out)                      # keys model.*, lm_head.weight
     shutil.copyfile(os.path.join(args.data, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
     print(f"text: saved {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "

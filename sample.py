@@ -4,8 +4,8 @@ Ask a LLaVA model about an image, streaming the answer token by token.
     python sample.py --model DIR --image IMG --prompt "What is in the image?"
     python sample.py --model DIR --image IMG --chat        # multi-turn, one question per stdin line
 
-The conversation template (vicuna_v1 for LLaVA-1.5) and the image mode (crop | pad |
-anyres) come from the checkpoint's config. In --chat mode the image belongs to the first
+The conversation template (vicuna_v1 for LLaVA-1.5, mistral_instruct, chatml_direct, ...) and
+the image mode (crop | pad | anyres) come from the checkpoint (--template overrides the template). In --chat mode the image belongs to the first
 user turn (LLaVA puts "<image>\\n" there) and stays in context for later turns; every turn
 re-encodes the whole conversation (simple, and cheap next to the answer itself).
 temperature 0 is greedy decoding.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from eval import fit_prompt
-from nanollava import LLaVA
+from nanollava import LLaVA, conversation
 from nanollava import image as image_lib
 from nanollava.cli import DTYPES, device, non_negative_float, non_negative_int, positive_int, probability
 from nanollava.data import open_image
@@ -32,12 +32,18 @@ from nanollava.generate import stream
 from nanollava.tokenizer import Tokenizer
 
 
-def load(model_dir, tokenizer=None, device="cpu", dtype="float32"):
+def load(model_dir, tokenizer=None, device="cpu", dtype="float32", template=None):
+    """The model and its tokenizer; the conversation template is the checkpoint's unless given."""
     tok_path = Path(tokenizer or Path(model_dir) / "tokenizer.json")
     if not tok_path.is_file():
         raise FileNotFoundError(f"tokenizer {tok_path} not found (pass --tokenizer)")
-    model = LLaVA.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device).eval()
-    return model, Tokenizer.from_file(str(tok_path))
+    model = LLaVA.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device, template=template)
+    if model.config.template is None:
+        raise ValueError(f"{model_dir} does not say which conversation template it uses (no chat template in its "
+                         f"tokenizer files); pass --template, one of {', '.join(conversation.TEMPLATES)}")
+    print(f"template: {model.config.template}" + (" (--template)" if template else " (from the checkpoint)"),
+          file=sys.stderr)
+    return model, Tokenizer.from_file(str(tok_path), image_token_id=model.config.image_token_id)
 
 
 def load_image(path, config):
@@ -64,16 +70,17 @@ def reply(model, tok, messages, image, args, out=sys.stdout):
     if pixel_values is not None:
         pixel_values, image_sizes = pixel_values.to(args.device), image_sizes.to(args.device)
     new, text = [], ""
+    stop = conversation.stop_ids(tok, model.config.template)
     t0 = time.perf_counter()
     t_first = None
     with torch.no_grad():
         for token in stream(model, input_ids, pixel_values=pixel_values, image_sizes=image_sizes,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k):
+                            top_p=args.top_p, top_k=args.top_k, eos_token_id=stop):
             token = int(token)
             if t_first is None:
                 t_first = time.perf_counter() - t0
-            if token == tok.eos_id:
+            if token in stop:
                 break
             new.append(token)
             # decode the whole answer and print what is new: SentencePiece merges spaces
@@ -93,6 +100,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (nanollava / llava-hf / original LLaVA)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: MODEL/tokenizer.json)")
+    p.add_argument("--template", choices=list(conversation.TEMPLATES),
+                   help="conversation template (default: the checkpoint's)")
     p.add_argument("--image", help="image file (optional: text-only without it)")
     p.add_argument("--prompt", help="the question (single-turn mode)")
     p.add_argument("--chat", action="store_true", help="multi-turn: read questions from stdin until EOF or 'exit'")
@@ -111,7 +120,7 @@ def main(argv=None):
         p.error("give --prompt, or --chat to read questions from stdin")
 
     torch.manual_seed(args.seed)
-    model, tok = load(args.model, args.tokenizer, args.device, args.dtype)
+    model, tok = load(args.model, args.tokenizer, args.device, args.dtype, args.template)
     context = model.config.text.max_position_embeddings
     if args.max_new_tokens >= context:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "

@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from nanollava import files, toy
-from nanollava.checkpoint import load_llava_from_parts, save_projector
+from nanollava.checkpoint import load_from_parts, save_projector
 from nanollava.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from nanollava.data import DataError, LLaVADataset, LengthGroupedSampler, collate, load_json_object
 from nanollava.fsdp import FSDP
@@ -410,15 +410,42 @@ def flops_per_token(model_numel, llm_numel, trainable_numel):
     return 2 * model_numel + 2 * llm_numel + 2 * trainable_numel
 
 
-def peak_flops(device):
-    """Dense bf16 peak of the GPU (None when unknown or on CPU): for MFU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
-        if key in name:
-            return flops
-    return None
+# dense (no sparsity) bf16 tensor-core peak per GPU, from NVIDIA's datasheets; the first name
+# that torch.cuda.get_device_name() contains wins, so the specific variants come first
+PEAK_BF16_FLOPS = (
+    ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),     # H100 SXM
+    ("H200 NVL", 835e12), ("H200", 989e12),                             # H200 SXM, GH200
+    ("A100", 312e12),                                                   # SXM and PCIe
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("4090", 165e12),                                                   # GeForce: fp32 accumulate
+)
+
+
+def peak_flops(gpu_name):
+    """Dense bf16 peak FLOP/s of a GPU, by its CUDA device name (for MFU); None when unknown."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in gpu_name), None)
+
+
+def elapsed(t0, device):
+    """Seconds since t0, once the GPU has finished the work queued so far: CUDA kernels run
+    asynchronously, so without the sync a step's time would end before its last backward,
+    clip and optimizer step, and tokens/s and MFU would read high."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time() - t0
+
+
+def no_image_term(model, device):
+    """0 x the tower + projector on one zero image, added to the loss of a micro-batch without
+    images (as the original LLaVA feeds text-only samples a zero image): every rank then runs
+    the same FSDP units and collectives whatever its micro-batch holds. It runs before the
+    model's own forward, as the tower does for images, so backward visits the units in the same
+    order on every rank."""
+    S = model.config.vision.image_size
+    term = 0 * model.project_images(torch.zeros(1, 3, S, S, device=device)).sum()
+    if getattr(model, "image_newline", None) is not None:              # AnyRes
+        term = term + 0 * model.image_newline.sum()
+    return term
 
 
 def memory_string(device):
@@ -542,7 +569,7 @@ def run(args):
 
     tok = Tokenizer.from_file(find_tokenizer(args))
     projector = stage1_projector(args.stage1_out) if args.stage == 2 else None
-    model = load_llava_from_parts(args.vision_tower, args.llm, projector=projector, device=device,
+    model = load_from_parts(args.vision_tower, args.llm, projector=projector, device=device,
                                   image_token_id=tok.image_token_id, template="vicuna_v1")
     # freezing: stage 1 = projector only; stage 2 = projector + LLM (+ tower if asked)
     for name, p in model.named_parameters():
@@ -612,7 +639,8 @@ def run(args):
             epoch, micro_pos = epoch + 1, 0
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-    fpt, peak = flops_per_token(model_numel, llm_numel, trainable_numel), peak_flops(device)
+    fpt = flops_per_token(model_numel, llm_numel, trainable_numel)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     batches = micro_batches()
     bar = tqdm(total=max_steps, initial=step, disable=not master_process, desc=f"stage {args.stage}",
                dynamic_ncols=True)
@@ -631,9 +659,10 @@ def run(args):
             step_skips.update(batch.pop("skipped"))
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with autocast:
+                extra = no_image_term(model, device) if batch["pixel_values"] is None else 0
                 loss = model.loss(batch["input_ids"], batch["labels"], batch["pixel_values"],
                                   batch["image_sizes"], batch["attention_mask"])
-            (loss / accum).backward()
+            ((loss + extra) / accum).backward()
             loss_sum += loss.detach() / accum
             tokens += batch["attention_mask"].sum()
         grad_norm = fsdp.clip_grad_norm_(args.grad_clip)
@@ -646,7 +675,7 @@ def run(args):
         loss_sum, tokens, stopping, step_skips = sync_step(loss_sum, tokens, stop.signum is not None, step_skips,
                                                            world)
         skipped.update(step_skips)
-        dt = time.time() - t0
+        dt = elapsed(t0, device)
         steps_done += 1
         if master_process:
             tok_s = tokens.item() / dt

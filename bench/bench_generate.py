@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanollava import LLaVA, LLaVAConfig, TextConfig, VisionConfig  # noqa: E402
 from nanollava.generate import generate  # noqa: E402
+from nanollava.llava import num_image_tokens  # noqa: E402
 
 
 def build(layers, hidden, device):
@@ -41,7 +42,7 @@ def build(layers, hidden, device):
 def prompt(config, batch, device):
     g = torch.Generator().manual_seed(0)
     text = lambda n: torch.randint(3, 31999, (batch, n), generator=g)
-    image = torch.full((batch, config.num_image_tokens), config.image_token_id)
+    image = torch.full((batch, num_image_tokens(config, (336, 336))), config.image_token_id)
     ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), text(20), image, text(10)], 1).to(device)
     pixels = torch.randn(batch, 3, 336, 336, generator=g).to(device)
     return ids, pixels

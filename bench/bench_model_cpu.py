@@ -3,8 +3,10 @@
 Same random weights in both (HF state dict copied into nanollava), float32, 2 threads.
 Config: CLIP 4 layers x 256 at 224/14 (256 patches) + Llama 4 layers x 512 (8 heads, MLP 1376,
 vocab 8192); batch 4 x 320 tokens (one image = 256 placeholder tokens + 64 text tokens each).
+--family siglip-qwen2: the same sizes as SigLIP (no CLS, tanh GELU, layer -1, "full") + Qwen2
+(q/k/v biases, tied embeddings), the LLaVA-NeXT ablations' and OneVision's parts.
 
-    python bench/bench_model_cpu.py [--threads 2] [--iters 3]
+    python bench/bench_model_cpu.py [--threads 2] [--iters 3] [--family siglip-qwen2]
 """
 import argparse
 import statistics
@@ -13,7 +15,8 @@ import time
 import torch
 import transformers
 
-from nanollava import LLaVA, LLaVAConfig, TextConfig, VisionConfig
+from nanollava import LLaVA, LLaVAConfig, TextConfig, VisionConfig, checkpoint
+from nanollava.llava import num_image_tokens
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -23,39 +26,35 @@ parser.add_argument("--batch", type=int, default=4)
 parser.add_argument("--feature-layer", type=int, default=-2,
                     help="vision_feature_layer; -2 (LLaVA) lets nanollava skip the last CLIP block, -1 runs all")
 parser.add_argument("--text", type=int, default=64, help="text tokens per sample besides the image tokens")
+parser.add_argument("--family", choices=["clip-llama", "siglip-qwen2"], default="clip-llama")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 
 V = 8192
+siglip = args.family == "siglip-qwen2"
 config = LLaVAConfig(
-    vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                        image_size=224, patch_size=14),
+    vision=VisionConfig(model_type="siglip_vision_model" if siglip else "clip_vision_model", hidden_size=256,
+                        intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=224,
+                        patch_size=14, hidden_act="gelu_pytorch_tanh" if siglip else "quick_gelu"),
     text=TextConfig(vocab_size=V, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                    num_attention_heads=8, num_key_value_heads=8),
-    vision_feature_layer=args.feature_layer, image_token_id=V - 1)
-
-
-def hf_to_nano_key(k):
-    for old, new in (("model.language_model.", "language_model.model."),
-                     ("model.vision_tower.", "vision_tower.vision_model."),
-                     ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")):
-        if k.startswith(old):
-            return new + k[len(old):]
-    return k
+                    num_attention_heads=8, num_key_value_heads=8, qkv_bias=siglip, tie_word_embeddings=siglip),
+    vision_feature_layer=-1 if siglip else args.feature_layer,
+    vision_feature_select_strategy="full" if siglip else "default", image_token_id=V - 1)
 
 
 models = {}
 for impl in ("eager", "sdpa"):
     torch.manual_seed(0)
-    hf_config = transformers.LlavaConfig.from_dict(config.to_hf())   # one each: HF stores the choice in it
+    hf_config = transformers.LlavaConfig.from_dict(checkpoint.config_to_hf(config))   # one each: HF stores the choice in it
     models[f"hf-{impl}"] = transformers.LlavaForConditionalGeneration._from_config(hf_config, attn_implementation=impl)
     assert models[f"hf-{impl}"].model.language_model.config._attn_implementation == impl
 nano = LLaVA(config)
-nano.load_state_dict({hf_to_nano_key(k): v for k, v in models["hf-eager"].state_dict().items()})
+state = {checkpoint.rename_key(k): v for k, v in models["hf-eager"].state_dict().items()}
+nano.load_state_dict({k: v for k, v in state.items() if k in nano.state_dict()}, strict=True)  # tied: no lm_head
 models = {"nanollava": nano, **models}
 
-n_img = config.num_image_tokens
+n_img = num_image_tokens(config, (224, 224))
 B, T = args.batch, n_img + args.text
 ids = torch.randint(0, V - 1, (B, T))
 ids[:, 1:1 + n_img] = config.image_token_id
@@ -97,8 +96,8 @@ def bench(backward):
             {name: statistics.median(t) for name, t in cpu.items()})
 
 
-print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
-      f"batch {B} x {T} tokens ({n_img} image tokens), feature layer {args.feature_layer}, median of {args.iters}")
+print(f"{args.family}: torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
+      f"batch {B} x {T} tokens ({n_img} image tokens), feature layer {config.vision_feature_layer}, median of {args.iters}")
 for backward in (False, True):
     what = "forward+backward" if backward else "forward"
     wall, cpu = bench(backward)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nanollava import anyres  # noqa: E402
+from nanollava import anyres, image  # noqa: E402
 
 TILE, SIDE = 336, 24                       # CLIP-L/336: a tile gives 24 x 24 features
 BG, INK, PAD, NEWLINE = (255, 255, 255), (30, 30, 30), (60, 60, 60), (245, 130, 20)
@@ -75,10 +75,10 @@ def main(out=None):
     size = (photo.height, photo.width)
     pinpoints = anyres.DEFAULT_PINPOINTS
     canvas_hw = anyres.select_best_resolution(size, pinpoints)
-    grid = anyres.grid_shape(size, pinpoints)
-    views = anyres.tiles(photo, canvas_hw)
-    canvas = anyres.resize_and_pad(photo, canvas_hw)
-    n_tokens = anyres.token_count(size, pinpoints)
+    grid = anyres.grid_shape(size, pinpoints, TILE)
+    views = image.tiles(photo, canvas_hw, TILE)
+    canvas = image.resize_and_pad(photo, canvas_hw)
+    n_tokens = anyres.num_tokens(size, pinpoints, TILE, SIDE)
 
     h = 300
     panels = [
@@ -97,7 +97,7 @@ def main(out=None):
     height = margin + 30 + max(p.height for p, _ in panels) + 60 + margin
     fig = Image.new("RGB", (width, height), BG)
     draw = ImageDraw.Draw(fig)
-    draw.text((margin, margin), "LLaVA-NeXT AnyRes (HF convention, v1.6 pinpoints, CLIP-L/336)", fill=INK, font=title)
+    draw.text((margin, margin), "LLaVA-NeXT AnyRes (v1.6 pinpoints, CLIP-L/336)", fill=INK, font=title)
     x, y = margin, margin + 34
     for panel, text in panels:
         fig.paste(panel, (x, y))
@@ -105,7 +105,7 @@ def main(out=None):
         x += panel.width + gap
     draw.text((margin, height - margin - 18),
               f"visual tokens = {SIDE * SIDE} (base) + {kh} rows x ({kw} + 1 newline) = {n_tokens}"
-              "      struck-out cells: features of the black padding, removed by unpad_image",
+              "      struck-out cells: features of the black padding, removed by unpad",
               fill=INK, font=label)
     fig = fig.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     fig.save(out, optimize=True)

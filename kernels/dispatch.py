@@ -1,5 +1,10 @@
 """The one place the model picks an implementation: Triton kernels on CUDA, PyTorch elsewhere.
 
+fp32 attention on CUDA goes to PyTorch (SDPA) too: the kernels compute fp32 as exact-fp32 FMA
+loops (no tensor cores) that spill registers, and at head dim 128 they need more shared memory
+than GPUs with 99 KB per block have (RTX 4090, L40), so they would not even launch there. The
+kernels are for the bf16/fp16 the model trains and runs in; forcing "triton" still reaches them.
+
 Force one with the environment variable NANOLLAVA_KERNELS=triton|torch|auto, or in code
 with `dispatch.use("triton")` (also a context manager, for tests and benchmarks).
 Forced Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported (the tests'
@@ -7,6 +12,8 @@ conftest does this on machines without CUDA).
 """
 import os
 from contextlib import contextmanager
+
+import torch
 
 from kernels.flash_attention import flash_attention
 from kernels.reference import attention_reference, rms_norm_reference
@@ -32,8 +39,11 @@ def use(impl):
     return restore()
 
 
-def use_triton(x):
-    return _impl == "triton" or (_impl == "auto" and x.is_cuda)
+def use_triton(x, attention=False):
+    """Triton for this tensor? "auto": CUDA tensors, except fp32 attention (see above)."""
+    if _impl != "auto":
+        return _impl == "triton"
+    return x.is_cuda and not (attention and x.dtype == torch.float32)
 
 
 def _check_triton_device(x):
@@ -49,7 +59,7 @@ def attention(q, k, v, causal=False, key_padding_mask=None, scale=None, segment_
     segment_ids (B, T) int, T == S: sequences packed into one row, -1 = padding
     (kernels.segment_ids_from_cu_seqlens builds it from FlashAttention's cu_seqlens).
     """
-    if use_triton(q):
+    if use_triton(q, attention=True):
         _check_triton_device(q)
         return flash_attention(q, k, v, causal=causal, scale=scale,
                                key_padding_mask=key_padding_mask, segment_ids=segment_ids)

@@ -6,6 +6,8 @@ projector. Blocks after the selected layer are never run. Parameter names mirror
 CLIPVisionModel (`vision_model.embeddings.patch_embedding`, `vision_model.pre_layrnorm`, ...),
 so an HF CLIP state dict loads with no renaming.
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -36,7 +38,7 @@ class CLIPVisionEmbeddings(nn.Module):
     def forward(self, pixel_values):
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, C, h, w)
         N, C = x.shape[:2]
-        if x.shape[2] * x.shape[3] != self.num_patches:
+        if x.shape[2] * x.shape[3] != self.num_patches:         # a wrong image_size in preprocessing
             raise ValueError(f"pixel_values of size {tuple(pixel_values.shape[-2:])} give {x.shape[2]}x{x.shape[3]} "
                              f"patches; the tower expects {self.num_patches} (image_size from its config)")
         x = x.flatten(2).transpose(1, 2)                                      # (N, P, C)
@@ -64,8 +66,6 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIP hidden_act {config.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
         self.act = ACTIVATIONS[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
@@ -103,9 +103,14 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # pooled CLS only; unused
 
+    def embed(self, pixel_values):
+        """hidden_states[0]: the embeddings after pre_layrnorm, (N, P+1, C)."""
+        return self.pre_layrnorm(self.embeddings(pixel_values))
+
 
 class CLIPVisionTower(nn.Module):
     """The LLaVA vision tower: selected-layer CLIP patch features, (N, 3, H, W) -> (N, P(+1), C)."""
+    class_tokens = 1                              # tokens before the patches ("default" drops them)
 
     def __init__(self, config):
         super().__init__()
@@ -118,13 +123,10 @@ class CLIPVisionTower(nn.Module):
         -1 = last block); a list of layers is concatenated on the channel dim. "default" drops CLS."""
         layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
         n_states = len(self.vision_model.encoder.layers) + 1
-        if not all(-n_states <= i < n_states for i in layers):
-            raise ValueError(f"vision_feature_layer {feature_layer} is out of range for a {n_states - 1}-layer tower")
         wanted = {i % n_states for i in layers}
-        vm = self.vision_model
-        x = vm.pre_layrnorm(vm.embeddings(pixel_values))                      # (N, P+1, C)
+        x = self.vision_model.embed(pixel_values)                             # (N, P+1, C)
         states = {0: x}
-        for i, block in enumerate(vm.encoder.layers[:max(wanted)], start=1):  # blocks past the last wanted never run
+        for i, block in enumerate(self.vision_model.encoder.layers[:max(wanted)], start=1):  # later blocks never run
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
@@ -134,6 +136,4 @@ class CLIPVisionTower(nn.Module):
         feats = [states[i % n_states] for i in layers]
         if select_strategy == "default":
             feats = [f[:, 1:] for f in feats]
-        elif select_strategy != "full":
-            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', not {select_strategy!r}")
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)

@@ -30,7 +30,7 @@ from collections import Counter
 import torch
 from PIL import Image
 
-from nanollava import anyres, conversation, image
+from nanollava import conversation, image
 from nanollava.conversation import IGNORE_INDEX, IMAGE_TAG
 
 MAX_IMAGE_PIXELS = 8192 * 8192    # 64 M pixels: 192 MiB as RGB
@@ -258,7 +258,7 @@ class LLaVADataset(torch.utils.data.Dataset):
     @property
     def lengths(self):
         """Signed lengths for LengthGroupedSampler: +tokens for samples with images, -tokens text-only."""
-        n_img = self.config.num_image_tokens     # crop/pad count (an estimate for anyres)
+        n_img = (self.config.vision.image_size // self.config.vision.patch_size) ** 2  # an estimate for anyres
         out = []
         for i, rec in enumerate(self.records):
             if self._index is not None:
@@ -290,7 +290,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         return dict(input_ids=torch.tensor(ids, dtype=torch.long),
                     labels=torch.tensor(labels, dtype=torch.long),
                     # (n, 3, H, W); anyres: (n, max views, 3, H, W), zero-padded views
-                    pixel_values=(None if not pixels else anyres.pad_views(pixels) if self.mode == "anyres"
+                    pixel_values=(None if not pixels else pad_views(pixels) if self.mode == "anyres"
                                   else torch.stack(pixels)),
                     image_sizes=sizes[:n])
 
@@ -311,6 +311,15 @@ class LLaVADataset(torch.utils.data.Dataset):
                 warnings.warn(f"{self.json_path}: skipping record {j} (id {rid}): {reason}", stacklevel=2)
         raise DataError(f"{self.json_path}: no usable record in {sum(skipped.values())} in a row from record "
                         f"{i} (last: {reason}); data_prep.py lists every bad record")
+
+
+def pad_views(pixels):
+    """Stack AnyRes images of different view counts: list of (views_i, 3, H, W) (or already batched
+    (n, views, 3, H, W)) -> (N, max views, 3, H, W), zero-padded like HF's processor; the model reads
+    each image's real count from its image_sizes row."""
+    pixels = [p for x in pixels for p in (x if x.dim() == 5 else [x])]
+    views = max(p.shape[0] for p in pixels)
+    return torch.stack([torch.cat([p, p.new_zeros(views - p.shape[0], *p.shape[1:])]) for p in pixels])
 
 
 def collate(batch, pad_id, ignore_index=IGNORE_INDEX):
@@ -335,7 +344,7 @@ def collate(batch, pad_id, ignore_index=IGNORE_INDEX):
     pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
     sizes = [s for b in batch for s in b["image_sizes"]]
     return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-                pixel_values=(None if not pixels else anyres.pad_views(pixels) if pixels[0].dim() == 5
+                pixel_values=(None if not pixels else pad_views(pixels) if pixels[0].dim() == 5
                               else torch.cat(pixels)),
                 image_sizes=torch.tensor(sizes, dtype=torch.long) if sizes else None,
                 skipped=dict(sum((Counter(b.get("skipped", {})) for b in batch), Counter())))

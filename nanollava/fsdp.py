@@ -14,13 +14,22 @@ spirit of picotron and torchtitan's simple_fsdp:
   and points the module's weights at views of it; a forward hook frees it again.
 - Backward: a hook on the unit's outputs re-gathers the buffer before the unit's backward;
   when autograd has accumulated the flat gradient (post-accumulate-grad hook) it is
-  reduce-scattered (averaged over ranks) into the rank's shard gradient and freed.
+  reduce-scattered (averaged over ranks) into the rank's shard gradient and freed. The root's
+  flats are reduce-scattered at the end of backward, in a fixed order, zeros for a flat that got
+  no gradient: a micro-batch without images never reaches the projector, and the ranks must
+  still issue the same collectives in the same order (docs/gpu.md).
 - Activation checkpointing composes: a forward that runs *inside* backward (the recompute)
   gathers if needed and never frees; the post-accumulate hook frees after the unit's backward.
 - Frozen parameters (requires_grad=False: the LLM and tower in stage 1) are not flattened:
   they stay ordinary replicated parameters with no gradient and no optimizer state.
-- On CUDA the next unit's all-gather is prefetched on a side stream and reduce-scatters run
-  on another stream, overlapping with compute; on CPU (gloo) everything is synchronous.
+- The next unit's all-gather is prefetched (forward: next unit, backward: previous one, in the
+  order of the first forward). On CUDA it runs on a side stream and reduce-scatters on another,
+  overlapping with compute; on CPU (gloo) the same prefetches run synchronously, so the CPU
+  tests exercise the prefetch order too. After each optimizer step every unit still gathered
+  is freed: a prefetch its unit did not consume holds the previous step's weights.
+- Contract: every rank runs the same units in the same order in each forward (train.py runs
+  the vision tower on a dummy image for a micro-batch without images), and every backward
+  reaches at least one root weight (the root's reduce-scatters are queued from there).
 - World size 1 runs no collectives at all: units stay gathered and the "gather" after each
   optimizer step is a local copy of the master weights.
 
@@ -32,6 +41,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd import Variable
 
 # torch >= 2.12 renamed the tensor collectives; keep working on older torch
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -78,7 +88,7 @@ class FlatParam:
         self.shard = nn.Parameter(full[rank * n:(rank + 1) * n].clone())
         self.flat = torch.zeros(self.padded, dtype=fsdp.param_dtype, device=fsdp.device,
                                 requires_grad=True)
-        self.flat.register_post_accumulate_grad_hook(lambda _: self.reduce_scatter_grad())
+        self.flat.register_post_accumulate_grad_hook(lambda _: fsdp._grad_ready(self))
         self.event = None                                    # CUDA: gather in flight
         self.free()
 
@@ -118,18 +128,27 @@ class FlatParam:
             self.event = None
 
     def set_views(self):
-        """Point every module weight at its slice of the gathered flat buffer."""
+        """Point every module weight at its slice of the gathered flat buffer.
+
+        One split, not one slice per weight: each slice's backward would allocate a zero buffer
+        the size of the whole flat and add them all up; split's backward is a single cat.
+        """
         base = self.flat if torch.is_grad_enabled() else self.flat.detach()
-        for off, n, shape, slots in zip(self.offsets, self.numels, self.shapes, self.slots):
-            view = base[off:off + n].view(shape)
+        pieces = base.split(self.numels + [self.padded - sum(self.numels)])     # + the padding
+        for piece, shape, slots in zip(pieces, self.shapes, self.slots):
+            view = piece.view(shape)
             for module, attr in slots:
                 setattr(module, attr, view)
 
     # ---- gradients -----------------------------------------------------------------------
     def reduce_scatter_grad(self):
-        """Post-accumulate-grad hook: average the full gradient over ranks into shard.grad."""
+        """Average the full gradient over ranks into shard.grad; zeros if this rank has none."""
         fsdp, grad = self.fsdp, self.flat.grad
         self.flat.grad = None
+        if grad is None:                                 # the other ranks reduce theirs all the same
+            if fsdp.world == 1:
+                return
+            grad = torch.zeros(self.padded, dtype=fsdp.reduce_dtype, device=fsdp.device)
         grad = grad.to(fsdp.reduce_dtype)
         if fsdp.world == 1:
             out = grad
@@ -200,7 +219,8 @@ class FSDP:
 
         # every module -> its full name, and each unit module -> Unit
         mod_name = {m: n for n, m in model.named_modules()}
-        self.units = [Unit(mod_name[m], m, False) for m in units] + [Unit("", model, True)]
+        self.root = Unit("", model, True)
+        self.units = [Unit(mod_name[m], m, False) for m in units] + [self.root]
         unit_of = {u.module: u for u in self.units}
 
         # assign each trainable parameter (deduplicated: tied weights) to its innermost unit
@@ -242,6 +262,7 @@ class FSDP:
                     module._buffers[name] = b.to(self.device)
 
         self.order = []                                    # unit execution order (for prefetch)
+        self.root_queued = None                            # backward whose root reduce is queued
         for unit in self.units:
             if not unit.flats:
                 continue
@@ -272,7 +293,7 @@ class FSDP:
             flat.gather()
             flat.wait()
             flat.set_views()
-        if self.ag_stream is not None and not _in_backward():
+        if not _in_backward():
             self._prefetch(unit, +1)
 
     def _post_forward(self, unit, output):
@@ -292,17 +313,34 @@ class FSDP:
         for flat in unit.flats:                            # autograd saved views of this buffer
             flat.gather()
             flat.wait()
-        if self.ag_stream is not None:
-            self._prefetch(unit, -1)
+        self._prefetch(unit, -1)
 
     def _prefetch(self, unit, step):
-        """CUDA: start the all-gather of the next unit (forward) / previous unit (backward)."""
+        """Start the all-gather of the next unit (forward) / previous unit (backward); on CPU it
+        runs synchronously."""
         if unit not in self.order:
             return
         i = self.order.index(unit) + step
         if 0 <= i < len(self.order):
             for flat in self.order[i].flats:
                 flat.gather(self.ag_stream)
+
+    def _grad_ready(self, flat):
+        """Post-accumulate-grad hook. A sharded unit's gradient is complete once its backward
+        has run: reduce-scatter it now. The root's flats are used at both ends of the model
+        (lm_head first, embeddings last) and which of them get a gradient depends on the data,
+        so they wait for the end of this backward and go in a fixed order."""
+        if not flat.unit.is_root:
+            flat.reduce_scatter_grad()
+            return
+        task = torch._C._current_graph_task_id()
+        if self.root_queued != task:
+            self.root_queued = task
+            Variable._execution_engine.queue_callback(self._reduce_root)
+
+    def _reduce_root(self):
+        for flat in self.root.flats:
+            flat.reduce_scatter_grad()
 
     # ---- optimizer -----------------------------------------------------------------------
     def param_groups(self, lrs):
@@ -316,7 +354,7 @@ class FSDP:
                 for g, ps in groups.items()]
 
     def optimizer(self, lrs, **adamw_kwargs):
-        """torch AdamW over this rank's shards; after each step the kept-gathered units refresh."""
+        """torch AdamW over this rank's shards; after each step the gathered units refresh."""
         opt = torch.optim.AdamW(self.param_groups(lrs), **adamw_kwargs)
         opt.register_step_pre_hook(lambda *_: self.wait_for_gradients())
         opt.register_step_post_hook(lambda *_: self.refresh_gathered())
@@ -324,11 +362,17 @@ class FSDP:
 
     @torch.no_grad()
     def refresh_gathered(self):
-        """Copy the updated master shards into the units that stay gathered (root; world 1)."""
+        """After the master shards change: copy them into the units that stay gathered (root;
+        world 1) and free every other unit still gathered, e.g. by a prefetch that its unit did
+        not consume (a first forward that skipped the tower records an order that prefetches a
+        decoder block after its backward); gather() would keep those old weights."""
         for unit in self.units:
-            if not self.reshard(unit):
-                for flat in unit.flats:
+            for flat in unit.flats:
+                if not self.reshard(unit):
                     flat.gather(refresh=True)
+                elif flat.is_gathered():
+                    flat.wait()                            # an all-gather may still be writing it
+                    flat.free()
 
     def wait_for_gradients(self):
         """Make the current stream wait for in-flight reduce-scatters (CUDA)."""

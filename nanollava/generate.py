@@ -29,7 +29,8 @@ def sample_next(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None):
 
 @torch.no_grad()
 def stream(model, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,
-           temperature=0.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None, generator=None):
+           temperature=0.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None, generator=None,
+           pixel_values_videos=None):
     """Yield the next token of every row, (B,) long, once per step.
 
     eos_token_id (int or list; default: the model config's) ends a row; a finished row keeps
@@ -53,29 +54,32 @@ def stream(model, input_ids, pixel_values=None, image_sizes=None, attention_mask
     mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
     if attention_mask is not None:
         mask[:, :T] = attention_mask
-    images = {} if pixel_values is None else dict(pixel_values=pixel_values, image_sizes=image_sizes)
+    images = {k: v for k, v in dict(pixel_values=pixel_values, image_sizes=image_sizes,
+                                    pixel_values_videos=pixel_values_videos).items() if v is not None}
     logits = model(input_ids, attention_mask=mask[:, :T], kv_cache=cache, logits_to_keep=1, **images)
     position = mask[:, :T].sum(-1, keepdim=True)                   # (B, 1) next position of each row
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)      # (B,)
-        token = token.masked_fill(done, pad_token_id)
+        sampled = sample_next(logits[:, -1], temperature, top_p, top_k, generator)    # (B,) vocabulary ids
+        token = sampled.masked_fill(done, pad_token_id)
         done |= torch.isin(token, eos)
         yield token
         if step == max_new_tokens - 1 or bool(done.all()):
             return
-        logits = model(token[:, None], attention_mask=mask[:, :T + step + 1], position_ids=position + step,
+        # finished rows feed back what they sampled, never pad_token_id, which may lie past the embedding
+        logits = model(sampled[:, None], attention_mask=mask[:, :T + step + 1], position_ids=position + step,
                        kv_cache=cache, logits_to_keep=1)
 
 
 def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, max_new_tokens=32,
-             temperature=0.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None, generator=None):
+             temperature=0.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None, generator=None,
+             pixel_values_videos=None):
     """New tokens (B, n) long, n <= max_new_tokens (fewer when every row hit eos early).
 
     Each row holds its generated tokens up to and including its first eos, then pad_token_id.
     """
     tokens = list(stream(model, input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens,
-                         temperature, top_p, top_k, eos_token_id, pad_token_id, generator))
+                         temperature, top_p, top_k, eos_token_id, pad_token_id, generator, pixel_values_videos))
     if not tokens:
         return torch.zeros(input_ids.shape[0], 0, dtype=torch.long, device=input_ids.device)
     return torch.stack(tokens, dim=1)

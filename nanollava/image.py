@@ -1,28 +1,28 @@
-"""Image preprocessing for the CLIP vision tower (CLIP paper; LLaVA-1.5 paper §3 "pad").
+"""Image preprocessing for the vision tower (CLIP paper; LLaVA-1.5 paper §3 "pad"; LLaVA-NeXT AnyRes).
 
-  crop  resize the shortest edge to image_size (PIL bicubic) + center crop (CLIPImageProcessor)
-  pad   paste centered on a square of side max(w, h) filled with the mean colour (122, 116, 104),
-        then the CLIP steps (original LLaVA `expand2square`, image_aspect_ratio="pad")
+  crop    resize the shortest edge to image_size (PIL bicubic) + center crop (CLIPImageProcessor)
+  pad     paste centered on a square of side max(w, h) filled with the mean colour (122, 116, 104
+          for CLIP), then crop (original LLaVA `expand2square`, image_aspect_ratio="pad")
+  squash  resize to image_size x image_size, aspect ratio not kept (SiglipImageProcessor)
+  anyres  LLaVA-NeXT: a base view squashed to image_size, then the image_size tiles of the image
+          fitted onto the best grid pinpoint canvas (geometry in nanollava/anyres.py)
 
-  anyres  LLaVA-NeXT AnyRes: a base view squashed to image_size plus the image_size tiles of the
-        image fitted onto the best grid pinpoint (geometry in nanollava/anyres.py)
-
-then x / 255, normalise with the CLIP mean / std. Matches transformers' CLIPImageProcessor
-(PIL backend) to float rounding, including its RGB conversion (alpha composited onto white)
-and its resize-size rounding (long edge = int(size * long / short)).
-
-Speed: the crop is folded into PIL's resize (`box=`), so only the kept square is resampled
-(same filter taps as resize-then-crop, since PIL clips taps at the image, not the box), and
-the result goes PIL -> torch in one copy.
+then x / 255, normalise with the tower's mean / std (CLIP's, or SigLIP's 0.5). Matches
+transformers' CLIPImageProcessor, SiglipImageProcessor and LlavaNextImageProcessor (PIL backend) to
+float rounding, including their RGB conversion (alpha composited onto white) and resize-size
+rounding (long edge = int(size * long / short)).
 """
+import math
+
 import torch
 from PIL import Image
 
 from nanollava import anyres
+from nanollava.config import CLIP_MEAN, CLIP_STD, LLaVAConfig
+from nanollava.llava import num_image_tokens as _num_image_tokens
+from nanollava.llava import pinpoints as _pinpoints
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MODES = ("crop", "pad", "anyres")
+MODES = ("crop", "pad", "squash", "anyres")
 
 
 def to_rgb(img):
@@ -54,9 +54,31 @@ def resize_shortest_edge_and_crop(img, size, resample=Image.Resampling.BICUBIC):
     else:
         new_w, new_h = int(size * w / h), size
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    # resize the whole image, then crop, as HF does: resizing only the kept box (PIL's `box=`)
-    # samples the box edges differently and is off by up to 24/255 on tiny images
     return img.resize((new_w, new_h), resample).crop((left, top, left + size, top + size))
+
+
+def resize_and_pad(img, target):
+    """AnyRes: resize to fit `target` (h, w) keeping the aspect ratio (bicubic; one side fills, the
+    other is ceil()-ed and clamped, as HF and the original do) and paste centred on black."""
+    (height, width), (target_height, target_width) = (img.height, img.width), target
+    scale_w, scale_h = target_width / width, target_height / height             # HF's float ops, exactly
+    if scale_w < scale_h:
+        new_height, new_width = min(math.ceil(height * scale_w), target_height), target_width
+    else:
+        new_height, new_width = target_height, min(math.ceil(width * scale_h), target_width)
+    canvas = Image.new("RGB", (target_width, target_height), (0, 0, 0))
+    resized = img.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    canvas.paste(resized, ((target_width - new_width) // 2, (target_height - new_height) // 2))
+    return canvas
+
+
+def tiles(img, canvas, tile):
+    """The 1 + gh*gw views of an AnyRes image: the base view (the whole picture squashed to tile x
+    tile, not padded), then the row-major tile crops of the image fitted onto `canvas` (h, w)."""
+    padded = resize_and_pad(img, canvas)
+    crops = [padded.crop((x, y, x + tile, y + tile))
+             for y in range(0, canvas[0], tile) for x in range(0, canvas[1], tile)]
+    return [img.resize((tile, tile), Image.Resampling.BICUBIC)] + crops
 
 
 def normalize(img, mean=CLIP_MEAN, std=CLIP_STD):
@@ -68,14 +90,17 @@ def normalize(img, mean=CLIP_MEAN, std=CLIP_STD):
     return x.to(torch.float32).mul_(scale).sub_(shift)                        # (x / 255 - mean) / std
 
 
-def process(img, mode="pad", image_size=336, mean=CLIP_MEAN, std=CLIP_STD, pinpoints=None, convention="hf",
-            config=None):
+def process(img, mode=None, image_size=336, mean=CLIP_MEAN, std=CLIP_STD, pinpoints=None, config=None):
     """PIL image -> (pixels (3, image_size, image_size) float32, original size (height, width)).
 
-    mode="anyres": pixels are (1 + gh*gw, 3, image_size, image_size), base view first; `pinpoints`
-    in the reading order of `convention` (default LLaVA-v1.6's), or all three taken from `config`
-    (a LLaVAConfig: its pinpoints, anyres_convention and vision.image_size).
+    mode="anyres": pixels are (1 + gh*gw, 3, image_size, image_size), base view first, over
+    `pinpoints` ([height, width] canvases; default LLaVA-v1.6's). A LLaVAConfig `config` supplies the
+    mode (unless given), image_size, mean, std and pinpoints.
     """
+    if config is not None:
+        mode, image_size, pinpoints = mode or config.image_aspect_ratio, config.vision.image_size, _pinpoints(config)
+        mean, std = config.image_mean, config.image_std
+    mode = mode or "pad"
     if mode not in MODES:
         raise ValueError(f"unsupported image mode {mode!r}; supported: {', '.join(MODES)}")
     if not isinstance(img, Image.Image):
@@ -85,29 +110,21 @@ def process(img, mode="pad", image_size=336, mean=CLIP_MEAN, std=CLIP_STD, pinpo
         raise ValueError(f"image has zero size ({w}x{h})")
     img = to_rgb(img)
     if mode == "anyres":
-        if config is not None:
-            pinpoints, convention = anyres.config_pinpoints(config), config.anyres_convention
-            image_size = config.vision.image_size
-        pinpoints = anyres.parse_pinpoints(pinpoints or anyres.DEFAULT_PINPOINTS, image_size)
-        canvas = anyres.select_best_resolution((h, w), pinpoints, convention)
-        views = anyres.tiles(img, canvas, image_size)
-        return torch.stack([normalize(v, mean, std) for v in views]), (h, w)
+        canvas = anyres.select_best_resolution((h, w), pinpoints or anyres.DEFAULT_PINPOINTS)
+        return torch.stack([normalize(v, mean, std) for v in tiles(img, canvas, image_size)]), (h, w)
+    if mode == "squash":
+        return normalize(img.resize((image_size, image_size), Image.Resampling.BICUBIC), mean, std), (h, w)
     if mode == "pad":
         img = expand2square(img, tuple(int(m * 255) for m in mean))   # (122, 116, 104) for CLIP
-    img = resize_shortest_edge_and_crop(img, image_size)
-    return normalize(img, mean, std), (h, w)
+    return normalize(resize_shortest_edge_and_crop(img, image_size), mean, std), (h, w)
 
 
 def num_image_tokens(size, mode="pad", config=None):
-    """Visual tokens one image becomes: (image_size // patch_size)**2, +1 for the CLS with "full";
-    AnyRes: anyres.num_image_tokens (base + unpadded grid + one newline per row)."""
+    """Visual tokens an image of `size` (h, w) becomes in `mode` (default config: LLaVA-1.5's
+    CLIP-L/336). The count itself is nanollava.llava.num_image_tokens, beside the code that makes them."""
     if mode not in MODES:
         raise ValueError(f"unsupported image mode {mode!r}; supported: {', '.join(MODES)}")
-    if mode == "anyres":
-        if config is None:
-            return anyres.token_count(size, anyres.DEFAULT_PINPOINTS)
-        return anyres.num_image_tokens(size, config)
-    if config is None:
-        return (336 // 14) ** 2
-    n = (config.vision.image_size // config.vision.patch_size) ** 2
-    return n + (config.vision_feature_select_strategy == "full")
+    config = config or LLaVAConfig()
+    if mode != config.image_aspect_ratio:
+        config = LLaVAConfig(**{**config.__dict__, "image_aspect_ratio": mode})
+    return _num_image_tokens(config, size)

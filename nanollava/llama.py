@@ -4,8 +4,10 @@ RMSNorm (fp32 normalise, HF cast order), rotary position embeddings in HF's rota
 (HF q/k weights are already in it: never permute them), grouped-query attention
 (num_key_value_heads), SwiGLU MLP `down(silu(gate(x)) * up(x))`, optional biases (HF
 `attention_bias` on q/k/v/o, Qwen2's q/k/v bias), tied or untied lm_head, and a preallocated
-static KV cache (gpt-fast style) for prefill + one-token decode. Parameter names mirror HF's
-LlamaForCausalLM (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`).
+static KV cache (gpt-fast style) for prefill + one-token decode. Mistral is this model with a
+sliding window, which equals full causal attention on sequences that fit in the window: longer
+ones are refused (`TextConfig.context_length`). Parameter names mirror HF's LlamaForCausalLM
+(`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`).
 """
 import torch
 import torch.nn as nn
@@ -49,9 +51,6 @@ class KVCache(nn.Module):
         self.k[layer, :, :, pos:end] = k
         self.v[layer, :, :, pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def reset(self):
-        self.pos = 0
 
 
 def rope_cos_sin(position_ids, head_dim, theta, dtype):
@@ -146,6 +145,9 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds      # (B, T, C)
         B, T, _ = x.shape
         pos = kv_cache.pos if kv_cache is not None else 0
+        if pos + T > self.config.context_length:
+            raise ValueError(f"a sequence of {pos + T} tokens is longer than this model's context of "
+                             f"{self.config.context_length} (max_position_embeddings / sliding_window)")
         key_padding_mask = None
         if attention_mask is not None:
             if attention_mask.shape != (B, pos + T):
@@ -173,9 +175,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        # tied: the logits reuse embed_tokens.weight (no lm_head parameter, so nothing is aliased)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
 
     @property
     def gradient_checkpointing(self):
@@ -191,4 +193,5 @@ class LlamaForCausalLM(nn.Module):
         h = self.model(input_ids, inputs_embeds, attention_mask, position_ids, kv_cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return self.lm_head(h).float()
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, head).float()

@@ -2,10 +2,10 @@
 
 Oracles: transformers' LlavaNext (select_best_resolution, get_anyres_image_grid_shape,
 image_size_to_num_patches, unpad_image, LlavaNextProcessor, LlavaNextImageProcessorPil,
-LlavaNextForConditionalGeneration) for the "hf" convention; for the "original" convention the
-few lines of LLaVA-VL/LLaVA-NeXT `llava/mm_utils.py` / `llava_arch.py` they rely on are
-transcribed below (that code takes and returns (width, height)), plus the worked token counts of
-REFERENCE.md §3.
+LlavaNextForConditionalGeneration). The original code (LLaVA-VL/LLaVA-NeXT `llava/mm_utils.py` /
+`llava_arch.py`, which takes and returns (width, height)) is transcribed below: the loader turns its
+[w, h] pinpoints into the [h, w] list that makes the same choices, and where its int() truncation
+differs from transformers' rounding nanollava follows transformers (docs/anyres.md).
 """
 import math
 import os
@@ -19,9 +19,19 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from nanollava import anyres
+from nanollava.checkpoint import parse_pinpoints
 
 PINPOINTS = anyres.DEFAULT_PINPOINTS          # LLaVA-v1.6: [[336, 672], [672, 336], [672, 672], ...]
+ORIGINAL = parse_pinpoints(PINPOINTS, 336, "config.json", original=True)   # the same list read as [w, h]
 GEOMETRY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def grid6(tile=336):
+    return parse_pinpoints("(1x1),...,(6x6)", tile, "config.json")
+
+
+def num_tokens(size, pinpoints, anyres_max=None, tile=336, side=24):
+    return anyres.num_tokens(size, pinpoints, tile, side, anyres_max)
 
 
 # ----------------------------------------------------------------------------- original code (w, h)
@@ -42,17 +52,15 @@ def original_select_best_resolution(original_size, possible_resolutions):
     return best_fit
 
 
-def original_unpad_image(tensor, original_size):
-    """llava_arch.unpad_image: original_size is image.size = (width, height); int() truncation."""
+def original_unpad_shape(current_size, original_size):
+    """llava_arch.unpad_image's output (h, w): original_size is image.size = (width, height); int() truncation."""
     original_width, original_height = original_size
-    current_height, current_width = tensor.shape[1:]
+    current_height, current_width = current_size
     if original_width / original_height > current_width / current_height:
         new_height = int(original_height * (current_width / original_width))
-        padding = (current_height - new_height) // 2
-        return tensor[:, padding: current_height - padding, :]
+        return current_height - 2 * ((current_height - new_height) // 2), current_width
     new_width = int(original_width * (current_height / original_height))
-    padding = (current_width - new_width) // 2
-    return tensor[:, :, padding: current_width - padding]
+    return current_height, current_width - 2 * ((current_width - new_width) // 2)
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -75,34 +83,31 @@ def image_sizes():
 
 @pytest.mark.parametrize("w,h,expected", [(1024, 899, 2634), (640, 480, 2340), (500, 500, 2928),
                                           (1000, 300, 2182), (800, 400, 1752)])
-def test_original_convention_reproduces_worked_token_counts(w, h, expected):
-    """REFERENCE §3 worked counts; the sizes there are W x H, nanollava takes (h, w)."""
-    assert anyres.token_count((h, w), PINPOINTS, convention="original") == expected
+def test_original_checkpoints_reproduce_worked_token_counts(w, h, expected):
+    """The worked counts of the original code (docs/anyres.md; sizes W x H, nanollava takes (h, w)),
+    from the loader's [h, w] reading of the original pinpoint list."""
+    assert num_tokens((h, w), ORIGINAL) == expected
 
 
 def test_tie_order_flips_tile_layout_for_small_images():
     """A small image fits every candidate fully, so the smallest canvas wins and the first of the
-    tied [336, 672] / [672, 336] is taken: HF reads it as 1 row x 2 cols, the original as 2 x 1."""
+    tied [336, 672] / [672, 336] is taken: HF reads it as 1 row x 2 cols, the original as 2 x 1, and
+    the loader's swapped list keeps the original's choice."""
     for size in [(1, 1), (100, 100), (200, 120), (120, 200), (336, 336)]:
-        assert anyres.grid_shape(size, PINPOINTS, convention="hf") == (1, 2)
-        assert anyres.grid_shape(size, PINPOINTS, convention="original") == (2, 1)
+        assert anyres.grid_shape(size, PINPOINTS, 336) == (1, 2)
+        assert anyres.grid_shape(size, ORIGINAL, 336) == (2, 1)
         w, h = original_select_best_resolution(size[::-1], PINPOINTS)
-        assert anyres.select_best_resolution(size, PINPOINTS, "original") == (h, w)
-    # converting the original list to HF [h, w] keeps the choice and the tie order
-    converted = anyres.original_pinpoints_to_hf(PINPOINTS)
-    assert anyres.grid_shape((100, 100), converted, convention="hf") == (2, 1)
+        assert anyres.select_best_resolution(size, ORIGINAL) == (h, w)
 
 
 def test_parse_pinpoints_generated_grid_and_strings():
-    grid = anyres.parse_pinpoints("(1x1),...,(6x6)", image_size=384)
+    grid = parse_pinpoints("(1x1),...,(6x6)", 384, "c.json")
     assert len(grid) == 36 and grid[0] == [384, 384] and grid[1] == [384, 768] and grid[-1] == [2304, 2304]
-    assert anyres.parse_pinpoints("[[336, 672], [672, 336]]") == [[336, 672], [672, 336]]
+    assert parse_pinpoints("[[336, 672], [672, 336]]", 336, "c.json") == [[336, 672], [672, 336]]
     # first and last cell span the range, as in LLaVA-OneVision's get_anyres_image_grid_shape
-    assert anyres.parse_pinpoints("(1x2),(3x3)") == [[i * 336, j * 336] for i in (1, 2, 3) for j in (2, 3)]
-    with pytest.raises(ValueError, match="multiple of the tile size"):
-        anyres.parse_pinpoints([[336, 700]])
-    with pytest.raises(ValueError, match="convention"):
-        anyres.select_best_resolution((10, 10), PINPOINTS, "llava")
+    assert parse_pinpoints("(1x2),(3x3)", 336, "c.json") == [[i * 336, j * 336] for i in (1, 2, 3) for j in (2, 3)]
+    with pytest.raises(ValueError, match=r"c.json: image_grid_pinpoints = \[\[336, 700\]\] must be positive multiples"):
+        parse_pinpoints([[336, 700]], 336, "c.json")
 
 
 @GEOMETRY
@@ -112,37 +117,34 @@ def test_geometry_matches_hf_and_original(size):
     from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                     image_size_to_num_patches)
     h, w = size
-    assert anyres.select_best_resolution(size, PINPOINTS, "hf") == hf_select(size, PINPOINTS)
-    assert anyres.grid_shape(size, PINPOINTS) == get_anyres_image_grid_shape(size, PINPOINTS, 336)
-    assert anyres.num_tiles(size, PINPOINTS) == image_size_to_num_patches(size, PINPOINTS, 336)
+    assert anyres.select_best_resolution(size, PINPOINTS) == hf_select(size, PINPOINTS)
+    assert anyres.grid_shape(size, PINPOINTS, 336) == get_anyres_image_grid_shape(size, PINPOINTS, 336)
+    gh, gw = anyres.grid_shape(size, PINPOINTS, 336)
+    assert 1 + gh * gw == image_size_to_num_patches(size, PINPOINTS, 336)
     ow, oh = original_select_best_resolution((w, h), PINPOINTS)
-    assert anyres.select_best_resolution(size, PINPOINTS, "original") == (oh, ow)
-    # the fitted image is never larger than the canvas and fills one side
-    th, tw = anyres.select_best_resolution(size, PINPOINTS)
-    nh, nw = anyres.fit_size(size, (th, tw))
-    assert 1 <= nh <= th and 1 <= nw <= tw and (nh == th or nw == tw)
+    assert anyres.select_best_resolution(size, ORIGINAL) == (oh, ow)
 
 
-def test_unpad_rounding_differs_between_conventions():
-    """55 * (48 / 176) = 14.999999999999998: HF rounds to 15 (keeps 16 rows after the symmetric
-    cut), the original truncates to 14 (keeps 14). One of 36 such sizes up to 1199 x 1199."""
+def test_unpad_follows_transformers_where_the_original_truncates():
+    """55 * (48 / 176) = 14.999999999999998: transformers rounds to 15 (keeps 16 rows after the
+    symmetric cut), the original truncates to 14 (keeps 14). nanollava computes 55 * 48 // 176 = 15
+    exactly, as transformers; one of 36 such sizes up to 1199 x 1199 with the v1.6 pinpoints."""
     assert 55 * (48 / 176) < 15
-    assert anyres.unpad_shape((24, 48), (55, 176), "hf") == (16, 48)
-    assert anyres.unpad_shape((24, 48), (55, 176), "original") == (14, 48)
+    assert anyres.unpad_shape((24, 48), (55, 176)) == (16, 48)
+    assert original_unpad_shape((24, 48), (176, 55)) == (14, 48)
 
 
 @GEOMETRY
 @given(size=image_sizes(), grid=st.tuples(st.integers(1, 3), st.integers(1, 3)))
-def test_unpad_matches_hf_and_original(size, grid):
+def test_unpad_matches_hf_and_the_original_but_for_its_float_truncation(size, grid):
     from transformers.models.llava_next.modeling_llava_next import unpad_image as hf_unpad
     h, w = size
-    t = torch.arange(grid[0] * 24 * grid[1] * 24, dtype=torch.float32).view(1, grid[0] * 24, grid[1] * 24)
-    ours_hf = anyres.unpad_image(t, size, "hf")
-    assert torch.equal(ours_hf, hf_unpad(t, list(size)))
-    assert tuple(ours_hf.shape[1:]) == anyres.unpad_shape(t.shape[1:], size, "hf")
-    ours_orig = anyres.unpad_image(t, size, "original")
-    assert torch.equal(ours_orig, original_unpad_image(t, (w, h)))
-    assert tuple(ours_orig.shape[1:]) == anyres.unpad_shape(t.shape[1:], size, "original")
+    H, W = grid[0] * 24, grid[1] * 24
+    t = torch.zeros(1, H, W)
+    assert anyres.unpad_shape((H, W), size) == tuple(hf_unpad(t, list(size)).shape[1:])
+    ours, orig = anyres.unpad_shape((H, W), size), original_unpad_shape((H, W), (w, h))
+    if ours != orig:      # only where the kept side is a whole number that int() sees as x.999...
+        assert (h * W % w == 0 and int(h * (W / w)) < h * W // w) or (w * H % h == 0 and int(w * (H / h)) < w * H // h)
 
 
 @pytest.fixture(scope="module")
@@ -161,14 +163,14 @@ def hf_processor():
                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-def _pack(size, pinpoints, convention, anyres_max=None, channels=3):
+def _pack(size, pinpoints, anyres_max=None, channels=3):
     """Run the model-side packing on random features; returns the packed (N, C) tensor."""
-    gh, gw = anyres.grid_shape(size, pinpoints, 336, convention)
+    gh, gw = anyres.grid_shape(size, pinpoints, 336)
     g = torch.Generator().manual_seed(0)
     base = torch.randn(576, channels, generator=g)
     tiles = torch.randn(gh * gw, 576, channels, generator=g)
     newline = torch.randn(channels, generator=g)
-    return anyres.pack_image_features(base, tiles, size, (gh, gw), newline, anyres_max, convention)
+    return anyres.pack_image_features(base, tiles, size, (gh, gw), newline, anyres_max)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -176,24 +178,25 @@ def _pack(size, pinpoints, convention, anyres_max=None, channels=3):
 @given(size=image_sizes())
 def test_anyres_token_count_matches_features_and_hf_processor(hf_processor, size):
     h, w = size
-    n = anyres.token_count(size, PINPOINTS)
-    assert n == len(_pack(size, PINPOINTS, "hf"))
+    n = num_tokens(size, PINPOINTS)
+    assert n == len(_pack(size, PINPOINTS))
     # HF counts the CLS of the base view, then drops one for vision_feature_select_strategy="default"
     assert n == hf_processor._get_number_of_features(h, w, 336, 336) - 1
-    assert anyres.token_count(size, PINPOINTS, convention="original") == len(_pack(size, PINPOINTS, "original"))
+    assert num_tokens(size, ORIGINAL) == len(_pack(size, ORIGINAL))
 
 
 @pytest.mark.parametrize("size", [(899, 1024), (1, 1), (300, 4000), (4000, 300), (672, 336)])
 def test_hf_processor_inserts_num_image_tokens_placeholders(hf_processor, size):
     img = Image.new("RGB", size[::-1], (10, 200, 30))
     out = hf_processor(images=img, text="<image> hi", return_tensors="pt")
-    assert int((out["input_ids"] == 3).sum()) == anyres.token_count(size, PINPOINTS)
-    assert out["pixel_values"].shape[1] == anyres.num_tiles(size, PINPOINTS)
+    assert int((out["input_ids"] == 3).sum()) == num_tokens(size, PINPOINTS)
+    gh, gw = anyres.grid_shape(size, PINPOINTS, 336)
+    assert out["pixel_values"].shape[1] == 1 + gh * gw
 
 
 def test_pack_layout_base_first_newline_after_every_row():
     size, newline = (400, 1000), torch.full((2,), -1.0)
-    gh, gw = anyres.grid_shape(size, PINPOINTS)                     # (1, 3): 24 x 72 grid
+    gh, gw = anyres.grid_shape(size, PINPOINTS, 336)                # (1, 3): 24 x 72 grid
     base = torch.zeros(576, 2)
     # tile t, row r, col c -> value (t, r * 24 + c) so the stitched grid position is recoverable
     tiles = torch.stack([torch.stack([torch.full((576,), float(t)), torch.arange(576.0)], -1) for t in range(3)])
@@ -213,10 +216,10 @@ def test_pack_layout_base_first_newline_after_every_row():
 @GEOMETRY
 @given(size=image_sizes(), n=st.integers(1, 9))
 def test_anyres_max_caps_tokens_and_never_shrinks_at_or_below_1_1(size, n):
-    pp = anyres.parse_pinpoints("(1x1),...,(6x6)")
-    free = anyres.token_count(size, pp) - 576                  # grid tokens without anyres_max
-    capped = anyres.token_count(size, pp, anyres_max=n)
-    gh, gw = anyres.grid_shape(size, pp)
+    pp = grid6()
+    free = num_tokens(size, pp) - 576                          # grid tokens without anyres_max
+    capped = num_tokens(size, pp, anyres_max=n)
+    gh, gw = anyres.grid_shape(size, pp, 336)
     h, w = anyres.unpad_shape((gh * 24, gw * 24), size)
     t = math.sqrt(h * w / (n * 576))
     if t > 1.1:
@@ -229,18 +232,18 @@ def test_anyres_max_caps_tokens_and_never_shrinks_at_or_below_1_1(size, n):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(size=image_sizes(), n=st.one_of(st.none(), st.integers(1, 9)), grid6=st.booleans())
-def test_packing_matches_hf_llava_next_and_onevision_pack_image_features(size, n, grid6):
+@given(size=image_sizes(), n=st.one_of(st.none(), st.integers(1, 9)), six=st.booleans())
+def test_packing_matches_hf_llava_next_and_onevision_pack_image_features(size, n, six):
     """HF's own packing as the oracle: LlavaNextModel.pack_image_features (no cap) and
     LlavaOnevisionModel.pack_image_features (anyres_max_N), called on the same features;
     a 1-view image is the single-image branch (base + newline) of both."""
     from types import SimpleNamespace
     from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
     from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
-    pp = anyres.parse_pinpoints("(1x1),...,(6x6)") if grid6 else PINPOINTS
+    pp = grid6() if six else PINPOINTS
     fake = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=336, patch_size=14),
                                                   image_grid_pinpoints=pp))
-    gh, gw = anyres.grid_shape(size, pp)
+    gh, gw = anyres.grid_shape(size, pp, 336)
     g = torch.Generator().manual_seed(sum(size))
     feats, newline = torch.randn(1 + gh * gw, 576, 3, generator=g), torch.randn(3, generator=g)
     ours = anyres.pack_image_features(feats[0], feats[1:], size, (gh, gw), newline, anyres_max=n)
@@ -250,21 +253,22 @@ def test_packing_matches_hf_llava_next_and_onevision_pack_image_features(size, n
         (want,), _ = LlavaOnevisionModel.pack_image_features(fake, [feats], torch.tensor([size]), newline,
                                                              f"anyres_max_{n}")
     torch.testing.assert_close(ours, want)
-    assert len(ours) == anyres.token_count(size, pp, anyres_max=n)
+    assert len(ours) == num_tokens(size, pp, anyres_max=n)
     (single,), _ = LlavaOnevisionModel.pack_image_features(fake, [feats[:1]], torch.tensor([size]), newline)
-    torch.testing.assert_close(anyres.pack_square_features(feats[0], newline), single)
+    torch.testing.assert_close(torch.cat([feats[0], newline[None]]), single)   # LLaVA.encode_images' (0, 0) row
 
 
 def test_anyres_max_packing_is_bilinear_resize_of_the_unpadded_grid():
     size, n = (1500, 2000), 4
-    pp = anyres.parse_pinpoints("(1x1),...,(6x6)")
-    gh, gw = anyres.grid_shape(size, pp)
+    pp = grid6()
+    gh, gw = anyres.grid_shape(size, pp, 336)
     g = torch.Generator().manual_seed(1)
     base, tiles, newline = torch.randn(576, 5, generator=g), torch.randn(gh * gw, 576, 5, generator=g), torch.zeros(5)
     out = anyres.pack_image_features(base, tiles, size, (gh, gw), newline, anyres_max=n)
-    assert len(out) == anyres.token_count(size, pp, anyres_max=n)
+    assert len(out) == num_tokens(size, pp, anyres_max=n)
+    from transformers.models.llava_next.modeling_llava_next import unpad_image as hf_unpad
     grid = tiles.view(gh, gw, 24, 24, 5).permute(4, 0, 2, 1, 3).reshape(5, gh * 24, gw * 24)
-    grid = anyres.unpad_image(grid, size)
+    grid = hf_unpad(grid, list(size))
     h, w = grid.shape[1:]
     t = math.sqrt(h * w / (n * 576))
     assert t > 1.1
@@ -304,15 +308,15 @@ def test_anyres_pixels_match_hf_image_processor_random_sizes(hf_processor, size,
     ref = hf_processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
     assert got_size == size and ours.shape == ref.shape
     assert (ours - ref).abs().max() <= 1.0 / (255 * 0.26130258)
-    assert image.num_image_tokens(size, mode="anyres") == anyres.token_count(size, PINPOINTS)
+    assert image.num_image_tokens(size, mode="anyres") == num_tokens(size, PINPOINTS)
 
 
-def test_original_convention_tiles_the_small_image_vertically():
+def test_original_pinpoints_tile_the_small_image_vertically():
     """Same image, original reading of the v1.6 pinpoints: a 2-rows x 1-col canvas (672 x 336)."""
     from nanollava import image
     img = Image.new("RGB", (50, 40), (255, 0, 0))
     hf_px, _ = image.process(img, mode="anyres")
-    orig_px, _ = image.process(img, mode="anyres", convention="original")
+    orig_px, _ = image.process(img, mode="anyres", pinpoints=ORIGINAL)
     assert hf_px.shape[0] == orig_px.shape[0] == 3
     # HF canvas 336 x 672 (h x w): image fills the height, black bars left/right of the pair
     # original canvas 672 x 336: image fills the width, black bars above/below
@@ -326,7 +330,7 @@ def test_original_convention_tiles_the_small_image_vertically():
 TILE, PATCH = 28, 7            # tiny tower: 28 px views, 4 x 4 = 16 features per view
 MODEL_PINPOINTS = {
     "v1.6 shape": [[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE], [3 * TILE, TILE], [TILE, 3 * TILE]],
-    "(1x1),...,(3x3)": anyres.parse_pinpoints("(1x1),...,(3x3)", TILE),
+    "(1x1),...,(3x3)": parse_pinpoints("(1x1),...,(3x3)", TILE, "config.json"),
     "wide only": [[TILE, 2 * TILE], [TILE, 4 * TILE], [2 * TILE, 3 * TILE]],
 }
 
@@ -352,7 +356,7 @@ def hf_llava_next(pinpoints, seed=0, vocab=64):
     return model
 
 
-def anyres_batch(sizes, pinpoints, vocab=64, seed=0, convention="hf"):
+def anyres_batch(sizes, pinpoints, vocab=64, seed=0):
     """One sample per image, right-padded: text, the image's run of placeholders, text.
     pixel_values (N, max views, 3, TILE, TILE) zero-padded, as HF's processor pads them."""
     from nanollava import image
@@ -360,10 +364,9 @@ def anyres_batch(sizes, pinpoints, vocab=64, seed=0, convention="hf"):
     rows, pixels = [], []
     for k, (h, w) in enumerate(sizes):
         arr = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
-        px, _ = image.process(Image.fromarray(arr), mode="anyres", image_size=TILE, pinpoints=pinpoints,
-                              convention=convention)
+        px, _ = image.process(Image.fromarray(arr), mode="anyres", image_size=TILE, pinpoints=pinpoints)
         pixels.append(px)
-        n = anyres.token_count((h, w), pinpoints, TILE, PATCH, convention)
+        n = num_tokens((h, w), pinpoints, tile=TILE, side=TILE // PATCH)
         rows.append(torch.randint(1, vocab - 1, (3 + k,), generator=g).tolist() + [vocab - 1] * n
                     + torch.randint(1, vocab - 1, (4,), generator=g).tolist())
     T, V = max(map(len, rows)), max(p.shape[0] for p in pixels)
@@ -399,7 +402,7 @@ small_sizes = st.tuples(st.integers(1, 160), st.integers(1, 160))
 def test_llava_next_checkpoint_gives_transformers_logits(tmp_path_factory, which, sizes, seed):
     """HF-saved LlavaNext -> LLaVA.from_pretrained: same logits on a batch whose images have
     different tile counts (padded views ignored), and the feature count equals num_image_tokens."""
-    from nanollava.llava import LLaVA
+    from nanollava.llava import LLaVA, num_image_tokens
     pinpoints = MODEL_PINPOINTS[which]
     hf = hf_llava_next(pinpoints, seed)
     d = tmp_path_factory.mktemp("llava_next")
@@ -411,7 +414,7 @@ def test_llava_next_checkpoint_gives_transformers_logits(tmp_path_factory, which
         feats = model.encode_images(batch[2], batch[3])
         got = model(batch[0], pixel_values=batch[2], image_sizes=batch[3], attention_mask=batch[1])
     for f, size in zip(feats, sizes):
-        assert len(f) == anyres.num_image_tokens(size, model.config)
+        assert len(f) == num_image_tokens(model.config, size)
     assert_close_logits(got, hf_forward(hf, *batch), batch[1])
 
 
@@ -453,7 +456,7 @@ def test_anyres_save_pretrained_loads_in_transformers_as_llava_next(next_pair, t
     batch = anyres_batch([(50, 120), (33, 20)], MODEL_PINPOINTS["v1.6 shape"], seed=4)
     assert_close_logits(hf_forward(back, *batch), hf_forward(hf, *batch), batch[1])
     reloaded = LLaVA.from_pretrained(str(tmp_path))
-    assert reloaded.config.anyres_convention == "hf"
+    assert reloaded.config == model.config
 
 
 def _state(directory):
@@ -504,7 +507,7 @@ def test_both_llava_hf_key_layouts_load_with_image_newline(next_pair, tmp_path):
         assert_close_logits(got, want, batch[1])
 
 
-def test_original_llava16_checkpoint_loads_with_original_convention(next_pair, tmp_path):
+def test_original_llava16_checkpoint_loads_with_its_pinpoints_read_as_width_height(next_pair, tmp_path):
     """Original LLaVA-v1.6 layout: mm_* config, (w, h) pinpoints, spatial_unpad, model.image_newline,
     tuned tower under model.vision_tower.vision_tower.vision_model.*, CLIP config beside it."""
     import json
@@ -535,13 +538,8 @@ def test_original_llava16_checkpoint_loads_with_original_convention(next_pair, t
                   image_grid_pinpoints=[[w, h] for h, w in hw])          # the original stores (w, h)
     _write(str(tmp_path / "orig"), config, state)
     model = LLaVA.from_pretrained(str(tmp_path / "orig")).eval()
-    assert model.config.anyres_convention == "original"
     assert model.config.image_grid_pinpoints == hw, "stored as the equivalent HF [h, w] list"
     sizes = [(70, 30), (20, 100), (5, 5)]
-    for s in sizes:   # sizes where int() and round(, 7) agree, so HF is an exact oracle
-        g = anyres.grid_shape(s, hw, TILE)
-        grid = (4 * g[0], 4 * g[1])
-        assert anyres.unpad_shape(grid, s, "hf") == anyres.unpad_shape(grid, s, "original")
     batch = anyres_batch(sizes, hw, seed=6)
     with torch.no_grad():
         got = model(batch[0], pixel_values=batch[2], image_sizes=batch[3], attention_mask=batch[1])
@@ -551,7 +549,7 @@ def test_original_llava16_checkpoint_loads_with_original_convention(next_pair, t
 def test_square_images_mix_with_anyres_images_in_one_batch(next_pair):
     """image_sizes (0, 0) marks a plain pad/crop image: 1 view, base features + image_newline."""
     from nanollava import image
-    from nanollava.llava import LLaVA
+    from nanollava.llava import LLaVA, num_image_tokens
     hf, d = next_pair
     model = LLaVA.from_pretrained(d).eval()
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8))
@@ -564,11 +562,9 @@ def test_square_images_mix_with_anyres_images_in_one_batch(next_pair):
         feats = model.encode_images(pixel_values, image_sizes)
         alone = model.encode_images(tiles_px[None], torch.tensor([size]))[0]
         base = model.project_images(square_px[None])[0]
-    assert len(feats[1]) == anyres.num_image_tokens(anyres.SQUARE_IMAGE_SIZE, model.config) == 16 + 1
+    assert len(feats[1]) == num_image_tokens(model.config, anyres.SQUARE_IMAGE_SIZE) == 16 + 1
     torch.testing.assert_close(feats[1], torch.cat([base, model.image_newline[None]]))
     torch.testing.assert_close(feats[0], alone)
-    with pytest.raises(ValueError, match="views per image"):
-        model.encode_images(pixel_values[:, :2], image_sizes)
 
 
 # ----------------------------------------------------------------------------- data pipeline
@@ -603,13 +599,13 @@ def test_dataset_emits_anyres_samples_the_model_consumes(tmp_path):
                          image_grid_pinpoints=pinpoints, template="vicuna_v1")
     ds = LLaVADataset(str(tmp_path / "d.json"), str(tmp_path), tok, config)
     batch = collate([ds[0], ds[1]], tok.pad_id)
-    views = [anyres.num_tiles(s, pinpoints, TILE) for s in [(40, 90), (100, 30)]]
+    views = [1 + math.prod(anyres.grid_shape(s, pinpoints, TILE)) for s in [(40, 90), (100, 30)]]
     assert batch["image_sizes"].tolist() == [[40, 90], [100, 30]]
     assert batch["pixel_values"].shape == (2, max(views), 3, TILE, TILE)
     for b, v in enumerate(views):
         assert (batch["pixel_values"][b, v:] == 0).all(), "views past an image's own count are zero padding"
     for row, size in zip(batch["input_ids"], [(40, 90), (100, 30)]):
-        assert int((row == tok.image_token_id).sum()) == anyres.token_count(size, pinpoints, TILE, PATCH)
+        assert int((row == tok.image_token_id).sum()) == num_tokens(size, pinpoints, tile=TILE, side=TILE // PATCH)
     model = LLaVA(config)
     loss = model.loss(batch["input_ids"], batch["labels"], batch["pixel_values"], batch["image_sizes"],
                       batch["attention_mask"])
@@ -618,14 +614,12 @@ def test_dataset_emits_anyres_samples_the_model_consumes(tmp_path):
 
 def test_original_config_pinpoint_string_and_anyres_max_are_read():
     """OneVision-style original config: "(1x1),...,(2x2)" cells read (w, h), image_aspect_ratio anyres_max_4."""
-    from nanollava.checkpoint import original_llava_config
+    from nanollava.checkpoint import read_original_config
     d = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
              mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_patch_merge_type="spatial_unpad",
              image_aspect_ratio="anyres_max_4", image_grid_pinpoints="(1x1),...,(2x3)")
-    config = original_llava_config(d, dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=TILE, patch_size=PATCH))
+    config = read_original_config(d, dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, image_size=TILE, patch_size=PATCH), "c.json")
     assert config.image_aspect_ratio == "anyres" and config.anyres_max == 4
-    assert config.anyres_convention == "original"
     # cells (i, j) = (w, h) in the original -> HF [h, w] = [j * TILE, i * TILE], same order
     assert config.image_grid_pinpoints == [[j * TILE, i * TILE] for i in (1, 2) for j in (1, 2, 3)]
-    assert anyres.config_pinpoints(config) == anyres.parse_pinpoints("(1x1),...,(2x3)", TILE)

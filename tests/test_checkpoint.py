@@ -278,7 +278,7 @@ def test_save_pretrained_loads_in_transformers_without_missing_keys(oracle, tmp_
     model = LLaVA.from_pretrained(str(tmp_path / "hf"))
     for shard in (None, "3KB"):
         out = tmp_path / f"nano_{shard}"
-        checkpoint.save_llava(model, str(out), max_shard_size=shard)
+        checkpoint.save(model, str(out), max_shard_size=shard)
         assert (out / "model.safetensors.index.json").exists() == (shard is not None)
         assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
         keys = set(checkpoint.checkpoint_keys(str(out)))
@@ -299,7 +299,7 @@ def test_save_pretrained_loads_in_transformers_without_missing_keys(oracle, tmp_
     model.save_pretrained(str(out))
     assert sorted(n for n in os.listdir(out) if "model" in n) == ["model.safetensors"]
     assert_same_logits(LLaVA.from_pretrained(str(out)), hf, inputs, expected)
-    checkpoint.save_llava(model, str(out), max_shard_size="3KB")
+    checkpoint.save(model, str(out), max_shard_size="3KB")
     assert "model.safetensors" not in os.listdir(out)
     assert_same_logits(LLaVA.from_pretrained(str(out)), hf, inputs, expected)
     assert_same_logits(model, hf, inputs, expected)
@@ -369,7 +369,7 @@ def test_original_llava16_layout_carries_its_vision_tower(tmp_path):
     config["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"    # a Hub id, not a local directory
     write_dir(str(tmp_path / "v16"), config, state)
     # no local CLIP config: the tower is assumed ViT-L/14-336, and mm_hidden_size says it is not
-    with pytest.raises(ValueError, match=r"mm_hidden_size 16 != vision tower hidden_size 1024: pass vision_tower="):
+    with pytest.raises(ValueError, match=r"config.json: mm_hidden_size = 16 but the vision tower's hidden_size is 1024: pass vision_tower="):
         LLaVA.from_pretrained(str(tmp_path / "v16"))
     # a CLIP directory gives the tower's shape only: the weights inside the checkpoint win
     save_file({k: torch.zeros_like(v) for k, v in tower.items()}, str(clip_dir / "model.safetensors"))
@@ -396,13 +396,13 @@ def test_clip_and_llama_directories_load_through_the_same_path(tmp_path):
                 "model.mm_projector.2.weight": proj.linear_2.weight.detach().clone(),
                 "model.mm_projector.2.bias": proj.linear_2.bias.detach().clone()}, tmp_path / "mm_projector.bin")
 
-    model = checkpoint.load_llava_from_parts(str(tmp_path / "clip"), str(tmp_path / "llama"),
+    model = checkpoint.load_from_parts(str(tmp_path / "clip"), str(tmp_path / "llama"),
                                              projector=str(tmp_path / "mm_projector.bin"),
                                              image_token_id=c.image_token_id)
     assert_same_logits(model, hf, random_inputs(hf, images_per_sample=[1, 2], pads=[1, 0], left_padding=True))
 
     # without a projector: a fresh one (finite, trainable), the rest still loaded
-    fresh = checkpoint.load_llava_from_parts(str(tmp_path / "clip"), str(tmp_path / "llama"),
+    fresh = checkpoint.load_from_parts(str(tmp_path / "clip"), str(tmp_path / "llama"),
                                              projector_type="linear", image_token_id=c.image_token_id)
     w = fresh.multi_modal_projector.linear_1.weight
     assert not w.is_meta and torch.isfinite(w).all() and w.abs().sum() > 0
@@ -423,7 +423,7 @@ def test_clip_and_llama_directories_load_through_the_same_path(tmp_path):
                                       if hasattr(hf.model.vision_tower, "vision_model")
                                       else hf.model.vision_tower.state_dict())
     full.save_pretrained(str(tmp_path / "clipfull"))
-    model = checkpoint.load_llava_from_parts(str(tmp_path / "clipfull"), str(tmp_path / "llama"),
+    model = checkpoint.load_from_parts(str(tmp_path / "clipfull"), str(tmp_path / "llama"),
                                              projector=str(tmp_path), image_token_id=c.image_token_id)
     assert_same_logits(model, hf, random_inputs(hf, images_per_sample=[1], pads=[0], left_padding=False))
 

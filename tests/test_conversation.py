@@ -1,5 +1,9 @@
-"""Conversation templates and label masking against REFERENCE §2 and the original LLaVA
-`preprocess_v1` / `preprocess_plain` (reimplemented below on a tokenizer trained here)."""
+"""Conversation templates and label masking: prompt strings equal to the official `conversation.py`
+(golden strings produced by LLaVA-NeXT's own code), labels equal to the official `preprocess_v1`,
+`preprocess_plain`, `preprocess_llama_2`, `preprocess_mpt` and `preprocess_llama3` (reimplemented
+below, on tokenizers trained here, HF-style: special-token strings in the prompt are parsed)."""
+import functools
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,7 +15,7 @@ from nanollava.tokenizer import Tokenizer, train_bpe
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 WORDS = ["what", "color", "is", "the", "shape", "circle", "red", "blue", "yes", "no", "a", "of",
          "image", "there", "triangle?", "Describe", "briefly.", "It", "is,", "green.", "2", "cat's"]
-CORPUS = [conversation.SYSTEMS["vicuna_v1"], conversation.SYSTEMS["llava_v1"], "USER: ASSISTANT:",
+CORPUS = [conversation.SYSTEM_USER, conversation.SYSTEM_HUMAN, "USER: ASSISTANT:",
           SHORT_ANSWER, " ".join(WORDS), "\n".join(WORDS)]
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -51,18 +55,20 @@ def gpt(v):
 
 # --- the original LLaVA algorithm (llava/mm_utils.py, llava/train/train.py), legacy tokenizer ---
 
-def orig_encode(text, tok):
-    """The original's tokenizer call: a "</s>" written in the prompt becomes the eos id (nanollava's
-    Tokenizer.encode keeps such text as text, so the flag is lifted here)."""
-    tok.tok.encode_special_tokens = False
-    try:
-        return tok.encode(text, bos=True)
-    finally:
-        tok.tok.encode_special_tokens = True
+@functools.lru_cache(maxsize=None)
+def _hf_style(tok):
+    """The same tokenizer.json, with HF's behaviour: special-token strings in text are special tokens."""
+    from tokenizers import Tokenizer as HFTokenizer
+    return HFTokenizer.from_str(tok.tok.to_str())
+
+
+def hf_tokenize(text, tok):
+    """transformers' `tokenizer(text).input_ids` for a LLaMA tokenizer: bos, then the text."""
+    return [tok.bos_id] + _hf_style(tok).encode(text, add_special_tokens=False).ids
 
 
 def orig_tokenizer_image_token(prompt, tok, image_id):
-    chunks = [orig_encode(c, tok) for c in prompt.split("<image>")]
+    chunks = [hf_tokenize(c, tok) for c in prompt.split("<image>")]
     ids = [chunks[0][0]]
     for k, c in enumerate(chunks):
         if k:
@@ -139,7 +145,7 @@ def conversations(draw, with_image=None):
     return msgs
 
 
-# --- prompt strings (REFERENCE §2) ---
+# --- prompt strings (docs/llava.md §2) ---
 
 def test_vicuna_v1_prompt_string_is_exact():
     msgs = [human("<image>\nWhat is it?"), gpt("A cat."), human("Color?"), gpt("Gray.")]
@@ -200,7 +206,7 @@ def test_labels_supervise_exactly_the_replies_and_eos(tok, msgs, n_img, template
 def test_labels_agree_with_original_preprocess_v1(toks, msgs, n_img, template, which):
     tok = toks[which]
     ids, labels = conversation.tokenize(msgs, tok, template, num_image_tokens=n_img)
-    o_ids, o_labels, mismatch = orig_preprocess_v1(msgs, tok, conversation.SYSTEMS[template])
+    o_ids, o_labels, mismatch = orig_preprocess_v1(msgs, tok, conversation.TEMPLATES[template].system.strip())
     assert not mismatch, "the original hit 'tokenization mismatch' on this tokenizer"
     o_ids, o_labels = expand(o_ids, o_labels, tok.image_token_id, n_img)
     assert ids == o_ids
@@ -311,3 +317,235 @@ def test_tokenizer_bad_files_raise_clear_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
         Tokenizer.from_file(str(bad))
+
+
+# --- LLaVA-NeXT templates: golden prompts, and labels against the official preprocess_* ---
+
+# LLaVA-NeXT `llava/conversation.py`, `conv_templates[name].get_prompt()` on GOLDEN_MESSAGES, run from
+# that repository (its llava_llama_3 renders Meta-Llama-3-8B-Instruct's chat template):
+# (whole conversation, generation prompt = the conversation without its last reply).
+GOLDEN_MESSAGES = [human("<image>\nWhat is in the image?"), gpt("A red circle."), human("How many sides?"),
+                   gpt("None.")]
+GOLDEN = {
+    "vicuna_v1": (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nWhat is in the image? ASSISTANT: "
+        "A red circle.</s>USER: How many sides? ASSISTANT: None.</s>",
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nWhat is in the image? ASSISTANT: "
+        "A red circle.</s>USER: How many sides? ASSISTANT:"),
+    "llava_v1": (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions. USER: <image>\nWhat is in the image? ASSISTANT: "
+        "A red circle.</s>USER: How many sides? ASSISTANT: None.</s>",
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions. USER: <image>\nWhat is in the image? ASSISTANT: "
+        "A red circle.</s>USER: How many sides? ASSISTANT:"),
+    "mistral_instruct": (
+        "[INST] <image>\nWhat is in the image? [/INST] A red circle. </s>[INST] How many sides? [/INST] None. </s>",
+        "[INST] <image>\nWhat is in the image? [/INST] A red circle. </s>[INST] How many sides? [/INST]"),
+    "chatml_direct": (
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is in the image?"
+        "<|im_end|><|im_start|>assistant\nA red circle.<|im_end|><|im_start|>user\nHow many sides?<|im_end|>"
+        "<|im_start|>assistant\nNone.<|im_end|>",
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is in the image?"
+        "<|im_end|><|im_start|>assistant\nA red circle.<|im_end|><|im_start|>user\nHow many sides?<|im_end|>"
+        "<|im_start|>assistant\n"),
+    "llava_llama_3": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision "
+        "assistant. You are able to understand the visual content that the user provides, and assist the user "
+        "with a variety of tasks using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        "<image>\nWhat is in the image?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA red circle."
+        "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHow many sides?<|eot_id|><|start_header_id|>"
+        "assistant<|end_header_id|>\n\nNone.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision "
+        "assistant. You are able to understand the visual content that the user provides, and assist the user "
+        "with a variety of tasks using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        "<image>\nWhat is in the image?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA red circle."
+        "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHow many sides?<|eot_id|><|start_header_id|>"
+        "assistant<|end_header_id|>\n\n"),
+    "qwen_1_5": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is in the "
+        "image?<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|>\n<|im_start|>user\nHow many sides?"
+        "<|im_end|>\n<|im_start|>assistant\nNone.<|im_end|>\n",
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is in the "
+        "image?<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|>\n<|im_start|>user\nHow many sides?"
+        "<|im_end|>\n<|im_start|>assistant\n"),
+}
+LLAMA3_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+LLAMA3_CHAT_TEMPLATE = (  # Meta-Llama-3-8B-Instruct's tokenizer_config.json
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", sorted(GOLDEN))
+def test_prompt_strings_equal_llava_next_conversation_py(template):
+    whole, generation = GOLDEN[template]
+    bos = "<|begin_of_text|>" if template == "llava_llama_3" else ""     # a token for nanollava, not text
+    if template == "llava_llama_3":
+        # get_prompt always ends with the generation header; training (preprocess_llama3) does not
+        whole = whole.removesuffix(LLAMA3_HEADER)
+    assert bos + conversation.prompt(GOLDEN_MESSAGES, template) == whole
+    assert bos + conversation.prompt(GOLDEN_MESSAGES[:-1], template) == generation
+
+
+SPECIALS = {"chatml_direct": ["<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"],
+            "qwen_1_5": ["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<image>"],      # Qwen: no bos
+            "llava_llama_3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                              "<|eot_id|>", "<image>"]}
+
+
+@functools.lru_cache(maxsize=None)
+def byte_level(template):
+    """A byte-level BPE tokenizer (as Llama-3's and Qwen's; no "▁" prefix) with the template's specials."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    t = HFTokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    corpus = CORPUS + [conversation.SYSTEM_VISION, "system user assistant Answer the questions.\n\n"]
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS[template],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    bos, eos = SPECIALS[template][:2] if template != "qwen_1_5" else ("<none>", "<|im_end|>")
+    return Tokenizer(t, bos=bos, eos=eos)
+
+
+def orig_preprocess_llama_2(messages, tok):
+    """preprocess_llama_2 with conv_mistral_instruct (system "", sep "", sep2 "</s>")."""
+    values = orig_preprocess_multimodal([m["value"] for m in messages])
+    prompt = "".join(f"[INST] {v} [/INST]" if k % 2 == 0 else f" {v} </s>" for k, v in enumerate(values))
+    img = tok.image_token_id
+    ids = orig_tokenizer_image_token(prompt, tok, img)
+    target, cur_len = [IGNORE_INDEX] + ids[1:], 1
+    for rou in prompt.split("</s>"):
+        if rou == "":
+            break
+        parts = rou.split("[/INST] ")
+        if len(parts) != 2:
+            break
+        parts[0] += "[/INST] "
+        round_len = len(orig_tokenizer_image_token(rou, tok, img))
+        instruction_len = len(orig_tokenizer_image_token(parts[0], tok, img)) - 2
+        target[cur_len:cur_len + instruction_len] = [IGNORE_INDEX] * instruction_len
+        cur_len += round_len
+    target[cur_len:] = [IGNORE_INDEX] * (len(target) - cur_len)
+    return ids, target, cur_len != len(ids)
+
+
+def orig_preprocess_mpt(messages, tok):
+    """preprocess_mpt with conv_chatml_direct (a tokenizer without the `legacy` flag)."""
+    values = orig_preprocess_multimodal([m["value"] for m in messages])
+    sep, roles = "<|im_end|>", ("<|im_start|>user\n", "<|im_start|>assistant\n")
+    prompt = "<|im_start|>system\nAnswer the questions." + sep
+    prompt += "".join(roles[k % 2] + v + sep for k, v in enumerate(values))
+    img = tok.image_token_id
+    ids = orig_tokenizer_image_token(prompt, tok, img)
+    target, cur_len = [IGNORE_INDEX] + ids[1:], 1
+    rounds = prompt.split(sep)
+    re_rounds = [sep.join(rounds[:3])] + [sep.join(rounds[i:i + 2]) for i in range(3, len(rounds), 2)]
+    for rou in re_rounds:
+        if rou == "":
+            break
+        parts = rou.split(sep + roles[1])
+        if len(parts) != 2:
+            break
+        parts[0] += sep + roles[1]
+        round_len = len(orig_tokenizer_image_token(rou, tok, img))
+        instruction_len = len(orig_tokenizer_image_token(parts[0], tok, img)) - 1
+        target[cur_len:cur_len + instruction_len] = [IGNORE_INDEX] * instruction_len
+        cur_len += round_len
+    target[cur_len:] = [IGNORE_INDEX] * (len(target) - cur_len)
+    return ids, target, cur_len != len(ids)
+
+
+def orig_preprocess_llama3(messages, tok):
+    """preprocess_llama3: each turn through transformers' apply_chat_template with Llama-3's template;
+    user turns masked, assistant turns supervised, and every <|begin_of_text|>, <|start_header_id|>,
+    <|end_header_id|>, <|eot_id|> (and "\\n\\n", which a byte-level vocabulary spells "ĊĊ") unmasked."""
+    from transformers import PreTrainedTokenizerFast
+    hf = PreTrainedTokenizerFast(tokenizer_object=_hf_style(tok), bos_token="<|begin_of_text|>")
+    hf.chat_template = LLAMA3_CHAT_TEMPLATE
+    values = orig_preprocess_multimodal([m["value"] for m in messages])
+    ids = list(hf.apply_chat_template([{"role": "system", "content": conversation.SYSTEM_VISION}], return_dict=False))
+    target = [IGNORE_INDEX] * len(ids)
+    for k, v in enumerate(values):
+        role = ("user", "assistant")[k % 2]
+        enc = list(hf.apply_chat_template([{"role": role, "content": v}], return_dict=False))[1:]
+        ids += enc
+        target += [IGNORE_INDEX] * len(enc) if role == "user" else enc
+    unmask = {hf.convert_tokens_to_ids(t) for t in ["<|begin_of_text|>", "<|start_header_id|>",
+                                                    "<|end_header_id|>", "<|eot_id|>", "\n\n"]}
+    target = [i if i in unmask else lab for i, lab in zip(ids, target)]
+    return ids, target, False
+
+
+def orig_preprocess_qwen(messages, tok):
+    """preprocess_qwen: each turn through the chat template it sets, "<|im_start|>{role}\n{content}<|im_end|>\n";
+    user turns masked, assistant turns supervised, and every <|im_start|>, <|im_end|> and "\n" (Qwen's id 198;
+    here this tokenizer's) unmasked. No bos."""
+    from transformers import PreTrainedTokenizerFast
+    hf = PreTrainedTokenizerFast(tokenizer_object=_hf_style(tok))
+    hf.chat_template = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+                        "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                        "{% endif %}")
+    values = orig_preprocess_multimodal([m["value"] for m in messages])
+    ids = list(hf.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."}], return_dict=False))
+    target = [IGNORE_INDEX] * len(ids)
+    for k, v in enumerate(values):
+        role = ("user", "assistant")[k % 2]
+        enc = list(hf.apply_chat_template([{"role": role, "content": v}], return_dict=False))
+        ids += enc
+        target += [IGNORE_INDEX] * len(enc) if role == "user" else enc
+    unmask = {hf.convert_tokens_to_ids("<|im_start|>"), hf.convert_tokens_to_ids("<|im_end|>")} | set(hf("\n").input_ids)
+    target = [i if i in unmask else lab for i, lab in zip(ids, target)]
+    return ids, target, False
+
+
+ORIGINAL_PREPROCESS = {"mistral_instruct": orig_preprocess_llama_2, "chatml_direct": orig_preprocess_mpt,
+                       "llava_llama_3": orig_preprocess_llama3, "qwen_1_5": orig_preprocess_qwen}
+
+
+@SETTINGS
+@given(msgs=conversations(), n_img=st.integers(1, 4), template=st.sampled_from(sorted(ORIGINAL_PREPROCESS)))
+def test_labels_agree_with_llava_next_preprocess(tok, msgs, n_img, template):
+    """mistral_instruct on a LLaMA (Metaspace) tokenizer as Mistral's; chatml_direct and llava_llama_3
+    on byte-level ones as Llama-3's and Qwen's."""
+    tk = tok if template == "mistral_instruct" else byte_level(template)
+    ids, labels = conversation.tokenize(msgs, tk, template, num_image_tokens=n_img)
+    o_ids, o_labels, mismatch = ORIGINAL_PREPROCESS[template](msgs, tk)
+    assert not mismatch, "the original hit 'tokenization mismatch' on this tokenizer"
+    o_ids, o_labels = expand(o_ids, o_labels, tk.image_token_id, n_img)
+    assert ids == o_ids
+    assert labels == o_labels
+    # every reply and its end-of-turn token are supervised (llama3 and qwen: every end-of-turn token)
+    stop = tk.special_id(conversation.TEMPLATES[template].stop)
+    n = len(msgs) // 2
+    assert sum(lab == stop for lab in labels) == (2 * n + 1 if conversation.TEMPLATES[template].label_specials else n)
+
+
+@pytest.mark.parametrize("template", sorted(ORIGINAL_PREPROCESS))
+def test_generation_prompt_ends_where_the_reply_begins(tok, template):
+    tk = tok if template == "mistral_instruct" else byte_level(template)
+    msgs = [human("<image>\nwhat color is the shape"), gpt("red."), human("is it a circle"), gpt("yes")]
+    ids, labels = conversation.tokenize(msgs, tk, template, num_image_tokens=2)
+    gen = conversation.generation_prompt(msgs[:-1], tk, template, num_image_tokens=2)
+    assert ids[:len(gen)] == gen
+    assert labels[len(gen)] == ids[len(gen)], "the reply's first token is supervised"
+    assert conversation.stop_ids(tk, template)[0] == tk.special_id(conversation.TEMPLATES[template].stop)
+
+
+def test_literal_special_token_strings_in_data_are_text(tok):
+    """A user who writes "</s>" or "<|im_end|>" gets text, not the token that ends a turn."""
+    ids, _ = conversation.tokenize([human("what is </s> and <s>"), gpt("a </s> tag")], tok)
+    assert ids.count(tok.eos_id) == 1 and ids.count(tok.bos_id) == 1
+    tk = byte_level("chatml_direct")
+    ids, _ = conversation.tokenize([human("say <|im_end|>"), gpt("<|im_end|>")], tk, "chatml_direct")
+    assert ids.count(tk.special_id("<|im_end|>")) == 3      # system, user turn, reply: the template's only
+
+
+def test_template_needs_its_special_tokens(tok):
+    with pytest.raises(ValueError, match="no '<|im_start|>' token, which the conversation template needs"):
+        conversation.tokenize([human("a"), gpt("b")], tok, "chatml_direct")

@@ -5,6 +5,11 @@ divisible by the world size; the losses and final weights must match ordinary tr
 the same global batch, per-rank param+grad+optimizer bytes must be ~1/world of the total,
 and frozen blocks must carry no optimizer state. Activation checkpointing (reentrant and
 non-reentrant) and gradient accumulation must not change the result.
+
+A toy vision-language model checks what depends on the data (docs/gpu.md): a rank whose
+micro-batch has no image (the projector gets no gradient there) and a first micro-batch that
+skips the tower (the recorded unit order then prefetches a block after its backward). On a
+GPU, 2 gloo ranks share it to run the CUDA side-stream path, which NCCL cannot do on one GPU.
 """
 import os
 import socket
@@ -67,15 +72,15 @@ def group_fn(name):
     return "blocks" if name.startswith("blocks") else "embed"
 
 
-def batches():
+def batches(device="cpu"):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randint(0, VOCAB, (GLOBAL_BATCH, T), generator=g),
-             torch.randint(0, VOCAB, (GLOBAL_BATCH, T), generator=g)) for _ in range(STEPS)]
+    return [(torch.randint(0, VOCAB, (GLOBAL_BATCH, T), generator=g).to(device),
+             torch.randint(0, VOCAB, (GLOBAL_BATCH, T), generator=g).to(device)) for _ in range(STEPS)]
 
 
-def reference():
+def reference(device="cpu"):
     """Plain training: full batch, torch AdamW, torch's global-norm clipping."""
-    model = make_model()
+    model = make_model().to(device)
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -83,7 +88,7 @@ def reference():
     opt = torch.optim.AdamW([{"params": ps, "lr": LRS[g]} for g, ps in groups.items()],
                             betas=(0.9, 0.999), weight_decay=0.0)
     losses = []
-    for ids, targets in batches():
+    for ids, targets in batches(device):
         loss = model.loss(ids, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
@@ -91,22 +96,24 @@ def reference():
         opt.zero_grad()
         losses.append(loss.item())
     with torch.no_grad():
-        eval_loss = model.loss(*batches()[0]).item()
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, eval_loss
+        eval_loss = model.loss(*batches(device)[0]).item()
+    return losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, eval_loss
 
 
-def run_fsdp(rank, world, checkpointing, micro_batches):
-    """The same training, sharded: each rank takes its slice of the global batch."""
+def run_fsdp(rank, world, checkpointing, micro_batches, device="cpu"):
+    """The same training, sharded: each rank takes its slice of the global batch (fp32 weights
+    on every device, so that CUDA must match plain training as closely as the CPU does)."""
     model = make_model()
     model.checkpointing = checkpointing
-    fsdp = FSDP(model, units=list(model.blocks), group_fn=group_fn)
+    fsdp = FSDP(model, units=list(model.blocks), group_fn=group_fn, param_dtype=torch.float32, device=device)
+    assert (fsdp.ag_stream is not None) == (device == "cuda" and world > 1)
     opt = fsdp.optimizer(LRS, betas=(0.9, 0.999), weight_decay=0.0)
     per_rank = GLOBAL_BATCH // world
     micro = per_rank // micro_batches
     losses = []
-    for ids, targets in batches():
+    for ids, targets in batches(device):
         ids, targets = ids[rank * per_rank:(rank + 1) * per_rank], targets[rank * per_rank:(rank + 1) * per_rank]
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for m in range(micro_batches):
             sl = slice(m * micro, (m + 1) * micro)
             loss = model.loss(ids[sl], targets[sl]) / micro_batches
@@ -121,7 +128,7 @@ def run_fsdp(rank, world, checkpointing, micro_batches):
     # evaluation forward under no_grad must work too (views of gathered-then-freed buffers)
     model.eval()
     with torch.no_grad():
-        eval_loss = model.loss(*batches()[0]).item()
+        eval_loss = model.loss(*batches(device)[0]).item()
     # sharded checkpoint round trip: each rank reloads only its own shards into a fresh model
     fresh = FSDP(Toy(), units=[], group_fn=group_fn)              # other init, other units
     with pytest.raises(ValueError, match="does not match"):
@@ -141,7 +148,7 @@ def run_fsdp(rank, world, checkpointing, micro_batches):
 SCENARIOS = [(None, 1), ("non_reentrant", 1), ("reentrant", 1), (None, 3)]   # (checkpointing, micro-batches)
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, device="cpu"):
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -149,7 +156,7 @@ def _worker(rank, world, port, out_dir):
     for ckpt, micro in SCENARIOS:
         if (GLOBAL_BATCH // world) % micro or (world == 3 and ckpt == "reentrant"):   # keep 3 ranks quick
             continue
-        results[(ckpt, micro)] = run_fsdp(rank, world, ckpt, micro)
+        results[(ckpt, micro)] = run_fsdp(rank, world, ckpt, micro, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     if world > 1:
         dist.destroy_process_group()
@@ -166,14 +173,13 @@ def ref():
     return reference()
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_fsdp_matches_single_process_training(world, ref):
+def _check_against_reference(world, ref, device="cpu"):
     ref_losses, ref_state, ref_eval = ref
     with tempfile.TemporaryDirectory() as out_dir:
         if world == 1:
-            _worker(0, 1, None, out_dir)
+            _worker(0, 1, None, out_dir, device)
         else:
-            mp.spawn(_worker, args=(world, free_port(), out_dir), nprocs=world)
+            mp.spawn(_worker, args=(world, free_port(), out_dir, device), nprocs=world)
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
     total_trainable = sum(v.numel() for k, v in ref_state.items() if not k.startswith("blocks.0."))
     embed_numel = VOCAB * DIM + DIM * VOCAB + VOCAB                  # the root unit's flat
@@ -198,3 +204,153 @@ def test_fsdp_matches_single_process_training(world, ref):
             padding = 3 * 4 * len(r["flat_units"]) * 2 * world   # < world elements per flat
             assert ideal <= r["bytes"] <= ideal + padding, (
                 f"rank {rank} holds {r['bytes']} bytes, expected ~{ideal:.0f} (1/{world} of the total)")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_fsdp_matches_single_process_training(world, ref):
+    _check_against_reference(world, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the side-stream path only runs on CUDA")
+def test_fsdp_cuda_side_streams_match_plain_training_with_two_gloo_ranks_on_one_gpu():
+    """Prefetch on ag_stream, reduce-scatter on rs_stream, events, record_stream and storage
+    resizes: 2 gloo ranks share cuda:0 (NCCL refuses two ranks on one GPU) and must match plain
+    training on the same GPU, with checkpointing and accumulation too."""
+    _check_against_reference(2, reference("cuda"), "cuda")
+
+
+def test_flat_views_backward_is_one_split_not_a_zero_buffer_per_weight():
+    """Every weight of a flat hangs off ONE SplitWithSizesBackward node (backward = one cat),
+    none off a SliceBackward (backward = a zero buffer the size of the whole flat, per weight)."""
+    model = make_model()
+    fsdp = FSDP(model, units=list(model.blocks), group_fn=group_fn)    # world 1: gathered for good
+    for flat in fsdp.flats:
+        weights = [getattr(module, attr) for slots in flat.slots for module, attr in slots]
+        parents = {type(w.grad_fn.next_functions[0][0]).__name__ for w in weights}
+        nodes = {id(w.grad_fn.next_functions[0][0]) for w in weights}
+        assert parents == {"SplitWithSizesBackward0"} and len(nodes) == 1, (flat.names, parents)
+    model.loss(*batches()[0]).backward()
+    assert all(f.shard.grad is not None for f in fsdp.flats)
+
+
+# ---- data-dependent paths: text-only micro-batches, a first forward that skips the tower ----
+
+class ToyVLM(nn.Module):
+    """Toy with LLaVA's shape: an image goes through tower blocks (units) and a projector (root)
+    into the token embeddings; a micro-batch without an image skips both, as LLaVA.embed does."""
+
+    def __init__(self, train_tower):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.tower = nn.ModuleList(Block() for _ in range(2))
+        self.projector = nn.Linear(DIM, DIM)
+        self.blocks = nn.ModuleList(Block() for _ in range(N_BLOCKS))
+        self.head = nn.Linear(DIM, VOCAB)
+        self.tower.requires_grad_(train_tower)
+
+    def loss(self, ids, targets, image=None):
+        h = self.embed(ids)                                     # (B, T, C)
+        if image is not None:                                   # (B, C)
+            for block in self.tower:
+                image = block(image)
+            h = h + self.projector(image)[:, None]
+        for block in self.blocks:
+            h = block(h)
+        return F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten())
+
+
+VLM_LRS = {"llm": 3e-2, "projector": 3e-2, "tower": 3e-2}
+# which (rank, micro-batch) has an image, per scenario; every step uses the same pattern
+VLM_SCENARIOS = {
+    # rank 1 never has an image: its projector flat gets no gradient (tower frozen, so the
+    # forward passes of both ranks still run the same units)
+    "text-only rank": dict(train_tower=False, has_image=lambda rank, m: rank == 0),
+    # every rank's first micro-batch is text-only: the first forward records the blocks before
+    # the tower, so the tower's backward prefetches the last block after that block's backward
+    "text-only first micro-batch": dict(train_tower=True, has_image=lambda rank, m: m == 1),
+}
+VLM_WORLD, VLM_MICRO, VLM_STEPS = 2, 2, 3
+
+
+def vlm_group(name):
+    return "tower" if name.startswith("tower") else "projector" if name.startswith("projector") else "llm"
+
+
+def vlm_micro_batches(step):
+    """[(rank, micro, ids, targets, image)] of one global batch (B = 1 per micro-batch)."""
+    g = torch.Generator().manual_seed(100 + step)
+    return [(r, m, torch.randint(0, VOCAB, (1, T), generator=g), torch.randint(0, VOCAB, (1, T), generator=g),
+             torch.randn(1, DIM, generator=g)) for r in range(VLM_WORLD) for m in range(VLM_MICRO)]
+
+
+def vlm_reference(train_tower, has_image):
+    """Plain training on the same global batches: the mean of the micro-batch losses."""
+    model = ToyVLM(train_tower)
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(vlm_group(name), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": VLM_LRS[g]} for g, ps in groups.items()], weight_decay=0.0)
+    losses = []
+    for step in range(VLM_STEPS):
+        loss = sum(model.loss(ids, tg, img if has_image(r, m) else None)
+                   for r, m, ids, tg, img in vlm_micro_batches(step)) / (VLM_WORLD * VLM_MICRO)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _vlm_worker(rank, world, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    for name, sc in VLM_SCENARIOS.items():
+        model = ToyVLM(sc["train_tower"])
+        fsdp = FSDP(model, units=list(model.tower) + list(model.blocks), group_fn=vlm_group)
+        opt = fsdp.optimizer(VLM_LRS, weight_decay=0.0)
+        losses, stale = [], []
+        for step in range(VLM_STEPS):
+            total = torch.zeros(())
+            for r, m, ids, tg, img in vlm_micro_batches(step):
+                if r == rank:
+                    loss = model.loss(ids, tg, img if sc["has_image"](r, m) else None) / VLM_MICRO
+                    loss.backward()
+                    total += loss.detach()
+            fsdp.clip_grad_norm_(0.5)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            dist.all_reduce(total)
+            losses.append(total.item() / world)
+            # after the step, a unit that is still gathered must hold the new master weights
+            full = fsdp.full_state_dict()
+            for f in fsdp.flats:
+                if f.is_gathered():
+                    master = torch.cat([full[n].flatten() for n in f.names])
+                    if not torch.equal(f.flat.detach()[:master.numel()], master):
+                        stale.append(f"step {step + 1}: {f.unit.name or 'root'}|{f.group}")
+        results[name] = {"losses": losses, "state": fsdp.full_state_dict(), "stale": stale}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_fsdp_text_only_micro_batches_match_single_process_training():
+    """2 gloo ranks, with a rank whose micro-batches have no image, and with a first micro-batch
+    that skips the tower: the step completes (no collective mismatch), no unit keeps stale
+    weights after optimizer.step, and losses and weights equal plain training on the same data."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_vlm_worker, args=(VLM_WORLD, free_port(), out_dir), nprocs=VLM_WORLD)
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(VLM_WORLD)]
+    for name, sc in VLM_SCENARIOS.items():
+        ref_losses, ref_state = vlm_reference(sc["train_tower"], sc["has_image"])
+        for rank, res in enumerate(results):
+            r = res[name]
+            assert not r["stale"], f"{name}: units kept the previous step's weights: {r['stale']}"
+            torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6,
+                                       msg=f"{name}: losses differ from plain training (rank {rank})")
+            for k, v in ref_state.items():
+                torch.testing.assert_close(r["state"][k], v, rtol=1e-5, atol=1e-6,
+                                           msg=f"{name}: {k} differs from plain training (rank {rank})")

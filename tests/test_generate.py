@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from nanollava import LLaVA, LLaVAConfig, TextConfig, VisionConfig
+from nanollava import LLaVA, LLaVAConfig, TextConfig, VisionConfig, checkpoint
 from nanollava.generate import generate, stream
+from nanollava.llava import num_image_tokens
 from nanollava.llama import LlamaForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -44,7 +45,7 @@ def hf_to_nano_key(k):
 def hf_llava_and_nano(**kw):
     torch.manual_seed(0)
     config = tiny_config(**kw)
-    hf_config = transformers.LlavaConfig.from_dict(config.to_hf())
+    hf_config = transformers.LlavaConfig.from_dict(checkpoint.config_to_hf(config))
     hf_config.text_config._attn_implementation = "eager"
     hf = transformers.LlavaForConditionalGeneration(hf_config).eval()
     nano = LLaVA(config).eval()
@@ -101,7 +102,7 @@ def test_llava_full_strategy_and_linear_projector_token_counts():
     for kw, n_tokens, has_linear_2 in ((dict(vision_feature_select_strategy="full"), N_IMG_TOKENS + 1, True),
                                        (dict(projector_type="linear"), N_IMG_TOKENS, False)):
         model = LLaVA(tiny_config(**kw))
-        assert model.config.num_image_tokens == n_tokens
+        assert num_image_tokens(model.config, (8, 8)) == n_tokens
         assert [f.shape for f in model.encode_images(torch.randn(2, 3, 8, 8))] == [(n_tokens, 32)] * 2
         assert ("multi_modal_projector.linear_2.weight" in model.state_dict()) == has_linear_2
 
@@ -131,7 +132,7 @@ def test_llama_greedy_generate_matches_hf_and_uncached_decoding():
         vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 300.0}, eos_token_id=None,
         pad_token_id=0, attn_implementation="eager")).eval()
-    nano = LlamaForCausalLM(TextConfig.from_hf(hf.config.to_dict())).eval()
+    nano = LlamaForCausalLM(checkpoint.read_text_config(hf.config.to_dict(), "hf")).eval()
     nano.load_state_dict(hf.state_dict())
     ids = torch.randint(1, V, (2, 7))
     mask = torch.ones_like(ids)
@@ -175,9 +176,6 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy():
 
 def test_save_pretrained_loads_in_transformers(tmp_path):
     """nanollava's keys are the llava-hf layout: transformers reads save_pretrained output as is."""
-    checkpoint = pytest.importorskip("nanollava.checkpoint")
-    if not hasattr(checkpoint, "save_llava"):
-        pytest.skip("nanollava.checkpoint.save_llava not written yet")
     _, nano = hf_llava_and_nano()
     nano.save_pretrained(tmp_path)
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()

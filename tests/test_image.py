@@ -8,6 +8,7 @@ from PIL import Image
 
 from nanollava import image
 from nanollava.config import LLaVAConfig, VisionConfig
+from nanollava.llava import num_image_tokens
 
 skdata = pytest.importorskip("skimage.data")
 clip_pil = pytest.importorskip("transformers.models.clip.image_processing_pil_clip")
@@ -120,4 +121,4 @@ def test_num_image_tokens_crop_pad():
     full = LLaVAConfig(vision_feature_select_strategy="full")
     assert image.num_image_tokens((480, 640), "pad", full) == 577
     tiny = LLaVAConfig(vision=VisionConfig(image_size=64, patch_size=8))
-    assert image.num_image_tokens((64, 64), "pad", tiny) == 64 == tiny.num_image_tokens
+    assert image.num_image_tokens((64, 64), "pad", tiny) == 64 == num_image_tokens(tiny, (64, 64))

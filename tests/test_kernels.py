@@ -2,7 +2,9 @@
 
 On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 so the same kernels run
 through Triton's CPU interpreter. Shapes are tiny (the interpreter is slow) and the tile sizes are
-shrunk to 16/32 so that every test still crosses several block edges.
+shrunk to 16/32 so that every test still crosses several block edges. Those small tiles compile
+to other GPU instructions (Ampere mma.sync) than the default tiles the model runs with (Hopper
+wgmma), so the last tests, CUDA only, check the default tiles at the real LLaVA shapes.
 
 Interpreter caveats (Triton 3.9), found while writing these tests:
   - tl.dot on bf16 multiplies the raw bit patterns; kernels/flash_attention.py widens bf16 tiles
@@ -309,11 +311,11 @@ def test_rms_norm_casts_back_to_x_dtype_before_the_weight_like_hf():
 
 def test_dispatch_forced_triton_matches_torch():
     """dispatch.use("triton") routes both ops to the kernels; use("torch") to the references."""
-    q = torch.randn(1, 4, 9, 16, requires_grad=True)
-    k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
-    kpm = torch.tensor([[False, False] + [True] * 7])
-    x, w = torch.randn(3, 24), torch.randn(24)
-    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, -1]])             # two packed sequences + pad
+    q = torch.randn(1, 4, 9, 16, device=DEVICE, requires_grad=True)
+    k, v = torch.randn(1, 2, 9, 16, device=DEVICE), torch.randn(1, 2, 9, 16, device=DEVICE)
+    kpm = torch.tensor([[False, False] + [True] * 7], device=DEVICE)
+    x, w = torch.randn(3, 24, device=DEVICE), torch.randn(24, device=DEVICE)
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, -1]], device=DEVICE)   # two packed sequences + pad
     with dispatch.use("torch"):
         o_torch = dispatch.attention(q, k, v, causal=True, key_padding_mask=kpm)
         packed_torch = dispatch.attention(q, k, v, causal=True, segment_ids=seg)
@@ -332,10 +334,26 @@ def test_dispatch_forced_triton_matches_torch():
     torch.testing.assert_close(y_triton, y_torch, atol=1e-5, rtol=1e-5)
 
 
-def test_tiny_llava_logits_and_gradients_match_between_triton_and_torch():
+def test_dispatch_auto_sends_cuda_bf16_fp16_to_triton_and_fp32_attention_to_pytorch():
+    """auto: CPU tensors never reach Triton; on CUDA, fp32 attention goes to SDPA (the fp32
+    kernels spill and do not launch on 99 KB-shared-memory GPUs), everything else to Triton."""
+    from types import SimpleNamespace
+    with dispatch.use("auto"):
+        for dtype in DTYPES:
+            cuda, cpu = SimpleNamespace(is_cuda=True, dtype=dtype), SimpleNamespace(is_cuda=False, dtype=dtype)
+            assert dispatch.use_triton(cuda, attention=True) == (dtype != torch.float32), dtype
+            assert dispatch.use_triton(cuda) and not dispatch.use_triton(cpu) and not dispatch.use_triton(cpu, True)
+    with dispatch.use("triton"):
+        assert dispatch.use_triton(SimpleNamespace(is_cuda=True, dtype=torch.float32), attention=True)
+
+
+def test_tiny_llava_logits_and_gradients_match_between_triton_and_torch(monkeypatch):
     """The whole model with dispatch forced to Triton (vision tower: non-causal attention; LM:
     causal GQA attention with left padding, RMSNorm) equals the PyTorch path, loss gradients too."""
     from nanollava import LLaVA, LLaVAConfig, TextConfig, VisionConfig
+    # cuDNN runs the fp32 patch-embedding conv in TF32 by default: its weight gradient would then
+    # round the two paths' (slightly different) upstream gradients apart
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
     torch.manual_seed(0)
     V, image_token_id = 64, 63
@@ -369,3 +387,70 @@ def test_tiny_llava_logits_and_gradients_match_between_triton_and_torch():
     for name in grads_torch:
         torch.testing.assert_close(grads_triton[name], grads_torch[name], atol=1e-4, rtol=1e-3,
                                    msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+# ---- CUDA only: the default tiles at the real shapes --------------------------------------------
+
+# (name, B, Hq, Hkv, T, S, D, causal, right padding)
+REAL_SHAPES = [
+    ("CLIP ViT-L/336", 4, 16, 16, 577, 577, 64, False, False),
+    ("Vicuna-7B 2048", 2, 32, 32, 2048, 2048, 128, True, False),
+    ("Vicuna-7B padded", 2, 32, 32, 1000, 1000, 128, True, True),
+    ("GQA 32q/4kv", 2, 32, 4, 2048, 2048, 128, True, False),
+    ("decode T=1", 4, 32, 32, 1, 613, 128, True, True),
+    ("head dim 80", 2, 8, 8, 333, 333, 80, True, False),
+]
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: the default tiles compile to "
+                                "tensor-core code only there, and the interpreter would take hours at these shapes")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", REAL_SHAPES, ids=[c[0] for c in REAL_SHAPES])
+def test_default_tiles_at_real_shapes_match_fp32_and_are_deterministic(case, dtype):
+    """flash_attention with its default (GPU) tiles, many blocks per sequence: out, dq, dk, dv
+    within the dtype's tolerance of an fp32 reference (relative to its largest value), or no
+    worse than 3x PyTorch's own error in that dtype; two runs bitwise equal (no atomics)."""
+    name, B, Hq, Hkv, T, S, D, causal, pad = case
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = [torch.randn(B, h, n, D, device="cuda", generator=g, dtype=dtype)
+                   for h, n in ((Hq, T), (Hkv, S), (Hkv, S), (Hq, T))]
+    kpm = None
+    if pad:                                                        # row b loses its last 7 * b keys
+        lengths = torch.tensor([S - 7 * b for b in range(B)], device="cuda")
+        kpm = torch.arange(S, device="cuda")[None] < lengths[:, None]
+
+    def run(attention, dt):
+        q_, k_, v_ = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        o = attention(q_, k_, v_, causal=causal, key_padding_mask=kpm)
+        o.backward(do.to(dt))
+        return [t.detach().float() for t in (o, q_.grad, k_.grad, v_.grad)]
+
+    got, again = run(flash_attention, dtype), run(flash_attention, dtype)
+    want, same_dtype = run(attention_reference, torch.float32), run(attention_reference, dtype)
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    for what, a, b, w, t in zip(("out", "dq", "dk", "dv"), got, again, want, same_dtype):
+        assert torch.equal(a, b), f"{name} {what}: two runs differ"
+        assert torch.isfinite(a).all(), f"{name} {what}: not finite"
+        scale = w.abs().max().clamp(min=1e-6)
+        err, torch_err = ((a - w).abs().max() / scale).item(), ((t - w).abs().max() / scale).item()
+        assert err < tol or err <= 3 * torch_err, (
+            f"{name} {what} {dtype}: max error {err:.2e} of the largest value, PyTorch's own {torch_err:.2e}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("M, N", [(16384, 4096), (4096, 5120)])
+def test_rms_norm_at_llama_shapes_matches_reference(M, N):
+    """RMSNorm forward and backward at LLaMA-7B/13B widths, bf16, against the HF-order reference."""
+    x = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(N, device="cuda")).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for fn in (rms_norm, rms_norm_reference):
+        x.grad = w.grad = None
+        y = fn(x, w, 1e-5)
+        y.backward(dy)
+        outs.append((y.detach(), x.grad.clone(), w.grad.clone()))
+    for what, a, b in zip(("y", "dx", "dweight"), *outs):
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        assert err < 3e-2, f"rms_norm {M}x{N} {what}: max error {err:.2e} of the largest value"

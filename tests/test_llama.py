@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from nanollava import checkpoint
 from nanollava.config import LLaVAConfig, TextConfig, VisionConfig
 from nanollava.llama import KVCache, LlamaForCausalLM
 
@@ -29,8 +30,11 @@ def hf_and_nano(qwen2=False, **kw):
     else:
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     hf.eval()
-    nano = LlamaForCausalLM(TextConfig.from_hf(hf.config.to_dict())).eval()
-    nano.load_state_dict(hf.state_dict(), strict=True)     # keys are HF's, nothing renamed
+    nano = LlamaForCausalLM(checkpoint.read_text_config(hf.config.to_dict(), "hf")).eval()
+    state = hf.state_dict()
+    if nano.lm_head is None:                              # tied: the logits reuse embed_tokens.weight
+        del state["lm_head.weight"]
+    nano.load_state_dict(state, strict=True)              # keys are HF's, nothing renamed
     return hf, nano
 
 
@@ -47,7 +51,7 @@ def test_logits_match_hf(kv_heads, theta, tied, bias, qwen2, head_dim, T):
         kw["attention_bias"] = bias
     hf, nano = hf_and_nano(qwen2, **kw)
     assert nano.config.qkv_bias == qwen2 and nano.config.rope_theta == theta
-    assert (nano.lm_head.weight is nano.model.embed_tokens.weight) == tied
+    assert (nano.lm_head is None) == tied
     ids = torch.randint(0, V, (2, T))
     with torch.no_grad():
         assert_close(nano(ids), hf(ids).logits)
@@ -129,24 +133,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_text_config_reads_old_and_new_rope_layouts_and_qwen2():
-    old = TextConfig.from_hf({"hidden_size": 64, "num_attention_heads": 4, "rope_theta": 1e6})
-    new = TextConfig.from_hf({"hidden_size": 64, "num_attention_heads": 4,
-                              "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
+    read = checkpoint.read_text_config
+    old = read({"hidden_size": 64, "num_attention_heads": 4, "rope_theta": 1e6}, "c.json")
+    new = read({"hidden_size": 64, "num_attention_heads": 4,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, "c.json")
     assert old == new and old.rope_theta == 1e6 and old.head_dim == 16 and old.num_key_value_heads == 4
     assert old.rms_norm_eps == 1e-6 and old.max_position_embeddings == 2048      # LlamaConfig defaults
-    assert TextConfig.from_hf({"model_type": "qwen2"}).qkv_bias
-    with pytest.raises(ValueError, match="RoPE scaling"):
-        TextConfig.from_hf({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    assert read({"model_type": "qwen2"}, "c.json").qkv_bias
+    with pytest.raises(ValueError, match="c.json: rope_scaling type = 'llama3'"):
+        read({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "c.json")
 
 
 def test_llava_config_reads_both_token_keys_and_tie_locations():
     base = {"model_type": "llava", "text_config": {"vocab_size": 100}, "vision_config": {"hidden_size": 64}}
-    a = LLaVAConfig.from_hf({**base, "image_token_index": 7, "tie_word_embeddings": True})
-    b = LLaVAConfig.from_hf({**base, "image_token_id": 7, "text_config": {"vocab_size": 100,
-                                                                          "tie_word_embeddings": True}})
+    read = checkpoint.read_llava_hf_config
+    a = read({**base, "image_token_index": 7, "tie_word_embeddings": True}, "c.json")
+    b = read({**base, "image_token_id": 7, "text_config": {"vocab_size": 100, "tie_word_embeddings": True}}, "c.json")
     assert a == b and a.image_token_id == 7 and a.text.tie_word_embeddings
-    assert LLaVAConfig.from_hf({"model_type": "llava"}).vision == VisionConfig()     # CLIP-L/336 when absent
-    nxt = LLaVAConfig.from_hf({"model_type": "llava_next", "image_grid_pinpoints": [[336, 672]]})
+    assert read({"model_type": "llava"}, "c.json").vision == VisionConfig()     # CLIP-L/336 when absent
+    nxt = read({"model_type": "llava_next", "image_grid_pinpoints": [[336, 672]]}, "c.json")
     assert nxt.image_aspect_ratio == "anyres" and nxt.image_grid_pinpoints == [[336, 672]]
 
 
@@ -156,8 +161,8 @@ def test_llava_config_to_hf_loads_in_transformers_and_round_trips(tmp_path):
                     text=TextConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0),
                     image_token_id=V - 1, template="plain", image_aspect_ratio="crop")
-    (tmp_path / "config.json").write_text(json.dumps(c.to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(checkpoint.config_to_hf(c)))
     hf = transformers.LlavaConfig.from_pretrained(tmp_path)
     assert hf.text_config.rope_parameters["rope_theta"] == 500.0 and hf.image_token_id == V - 1
     hf.save_pretrained(tmp_path)                          # what transformers writes back reads the same
-    assert LLaVAConfig.from_hf(json.loads((tmp_path / "config.json").read_text())) == c
+    assert checkpoint.read_llava_hf_config(json.loads((tmp_path / "config.json").read_text()), "c.json") == c

@@ -54,13 +54,14 @@ def test_fast_pipeline_every_loss_falls(fast_run):
 
 def test_fast_pipeline_checkpoints_load_in_nanollava(fast_run):
     from nanollava import LLaVA
-    from nanollava.checkpoint import load_llava_from_parts, load_projector
+    from nanollava.checkpoint import load_from_parts, load_projector
+    from nanollava.llava import num_image_tokens
     from nanollava.tokenizer import Tokenizer
     out, data, _ = fast_run
     tok = Tokenizer.from_file(str(out / "llama" / "tokenizer.json"))
-    parts = load_llava_from_parts(str(out / "clip"), str(out / "llama"), projector=str(out / "stage1"),
+    parts = load_from_parts(str(out / "clip"), str(out / "llama"), projector=str(out / "stage1"),
                                   image_token_id=tok.image_token_id)
-    assert parts.config.num_image_tokens == 64
+    assert num_image_tokens(parts.config, (64, 64)) == 64
     assert set(load_projector(str(out / "stage1" / "mm_projector.bin"))) == {
         "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
     model = LLaVA.from_pretrained(str(out / "stage2" / "final")).eval()

@@ -1,5 +1,6 @@
 """train.py on a tiny LLaVA: freezing per stage, bit-for-bit resume, crash-safe checkpoints,
-the llava-hf export, bad-input errors, and FSDP parity between 1 and 2 torchrun ranks.
+the llava-hf export, bad-input errors, FSDP parity between 1 and 2 torchrun ranks (with
+micro-batches that hold no image), step timing and the MFU peak table.
 
 The data is data_prep's toy restricted to a few easy-vqa images; the CLIP tower and the Llama
 are tiny random transformers models saved in the HF layouts train.py reads.
@@ -19,12 +20,14 @@ sys.path.insert(0, ROOT)                       # train.py and data_prep.py live 
 
 import train  # noqa: E402
 from nanollava.checkpoint import load_projector  # noqa: E402
+from nanollava.llava import num_image_tokens  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Tiny toy data (8 images per split) + tiny CLIP and Llama HF directories."""
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("easy_vqa", reason="the toy data is built from easy-vqa (pip install easy-vqa)")
     import data_prep
     from nanollava.tokenizer import Tokenizer
     root = tmp_path_factory.mktemp("train")
@@ -95,7 +98,7 @@ def test_stage2_freezes_the_tower_unless_asked_and_export_matches_transformers(p
     from nanollava import LLaVA
     ours = LLaVA.from_pretrained(str(out / "final")).eval()
     hf = LlavaForConditionalGeneration.from_pretrained(str(out / "final")).eval()
-    n_img = ours.config.num_image_tokens
+    n_img = num_image_tokens(ours.config, (32, 32))
     ids = torch.tensor([[1] + [ours.config.image_token_id] * n_img + [7, 8, 9]])
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -158,11 +161,29 @@ def test_bad_inputs_fail_before_any_work(parts, stage1, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_fsdp_two_ranks_match_one_rank_on_tiny_stage2(parts, stage1):
-    """torchrun --nproc_per_node 2 vs 1 process: the same samples per step (micro-batch 1) give the
-    same losses and weights; the vision tower is trained too so every unit type is sharded."""
-    flags = ("--stage1-out", str(stage1), "--max-steps", "2", "--micro-batch", "1", "--lr", "1e-3",
-             "--train-vision-tower", "--vision-lr", "1e-3", "--grad-checkpointing")
+def test_fsdp_two_ranks_match_one_rank_with_text_only_micro_batches(parts, stage1):
+    """torchrun --nproc_per_node 2 vs 1 process on data where every other sample has no image:
+    the same samples per step (micro-batch 1, plain shuffle) give the same losses and weights,
+    also when one rank's micro-batch is text-only while the other's has an image (every rank must
+    issue the same collectives). The vision tower is trained too so every unit type is sharded."""
+    from nanollava.data import LengthGroupedSampler
+    records = json.load(open(os.path.join(parts["data"], "stage2.json")))
+    for rec in records[1::2]:                                  # text-only: no image, no <image> tag
+        del rec["image"]
+        rec["conversations"][0]["value"] = rec["conversations"][0]["value"].replace("<image>\n", "")
+    data = parts["root"] / "mixed.json"
+    data.write_text(json.dumps(records))
+    steps = 3
+    # the pairs (rank 0, rank 1) of micro-batches the 2-rank run sees: at least one mixes a
+    # text-only sample with an image sample, in each direction
+    order = [LengthGroupedSampler([1] * len(records), 1, 2, r, seed=train.seed, group_by_length=False).indices()
+             for r in range(2)]
+    pairs = [tuple("image" in records[order[r][i]] for r in range(2)) for i in range(2 * steps)]
+    assert (True, False) in pairs and (False, True) in pairs, f"the sampler no longer mixes them: {pairs}"
+
+    flags = ("--stage1-out", str(stage1), "--max-steps", str(steps), "--micro-batch", "1", "--lr", "1e-3",
+             "--train-vision-tower", "--vision-lr", "1e-3", "--grad-checkpointing", "--no-group-by-length",
+             "--data", str(data))
     one, two = parts["root"] / "one", parts["root"] / "two"
     train.main(args_for(parts, 2, one, *flags))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -171,10 +192,30 @@ def test_fsdp_two_ranks_match_one_rank_on_tiny_stage2(parts, stage1):
     assert r.returncode == 0, r.stderr[-3000:]
     la = [json.loads(l)["loss"] for l in open(one / "metrics.jsonl")]
     lb = [json.loads(l)["loss"] for l in open(two / "metrics.jsonl")]
+    assert len(la) == steps
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-5)
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=f"{k}: 2 ranks differ from 1")
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA GeForce RTX 4090", 165e12), ("Tesla T4", None)])
+def test_mfu_peak_is_the_dense_bf16_peak_of_that_gpu(name, peak):
+    assert train.peak_flops(name) == peak
+
+
+def test_step_time_waits_for_the_gpu_before_reading_the_clock(monkeypatch):
+    """CUDA work is queued: a step's dt must include what is still running at its end."""
+    import time
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: (calls.append(device), time.sleep(0.05)))
+    t0 = time.time()
+    assert train.elapsed(t0, torch.device("cuda", 0)) >= 0.05 and calls == [torch.device("cuda", 0)]
+    assert train.elapsed(time.time(), torch.device("cpu")) < 0.05 and len(calls) == 1
 
 
 # ---- faults: nothing lost, nothing run, nothing miscounted ------------------------------------
