@@ -41,10 +41,12 @@ def measure(directory, dtype):
     thread = threading.Thread(target=watch)
     thread.start()
     t = time.perf_counter()
-    model = checkpoint.load(directory, dtype=getattr(torch, dtype))
+    try:
+        model = checkpoint.load(directory, dtype=getattr(torch, dtype))
+    finally:                                    # a failed load must not leave the sampler running
+        done.append(True)
+        thread.join()
     dt = time.perf_counter() - t
-    done.append(True)
-    thread.join()
     params = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     print(f"| {dtype} | {params:.0f} | {max(peak[0], anon_mb()) - base:.0f} | {dt:.2f} |")
 

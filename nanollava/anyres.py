@@ -21,6 +21,11 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]   # LLaVA-v1.6
+
+
+def default_pinpoints(tile):
+    """LLaVA-v1.6's grids (1x2, 2x1, 2x2, 3x1, 1x3) in tiles of `tile` pixels (DEFAULT_PINPOINTS for 336)."""
+    return [[a * tile // 336, b * tile // 336] for a, b in DEFAULT_PINPOINTS]
 # An image_sizes row of (0, 0) marks a plain square ("pad"/"crop") image inside an AnyRes batch: its
 # base view only, then one image_newline (LLaVA-NeXT's single-view branch, used for multi-image samples).
 SQUARE_IMAGE_SIZE = (0, 0)

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from nanollava import anyres
 from nanollava.config import CLIP_MEAN, CLIP_STD, LLaVAConfig, TextConfig, VisionConfig
 from nanollava.conversation import TEMPLATES
-from nanollava.llava import PROJECTOR_TYPES, VISION_TOWERS, LLaVA
+from nanollava.llava import PROJECTOR_TYPES, VISION_TOWERS, LLaVA, pinpoints
 
 # ----------------------------------------------------------------------------- tables
 
@@ -471,7 +471,7 @@ def config_to_hf(config):
              image_mean=list(config.image_mean), image_std=list(config.image_std), anyres_max=config.anyres_max,
              image_pooling=config.image_pooling, template=config.template)
     if anyres_mode:
-        d["image_grid_pinpoints"] = config.image_grid_pinpoints or anyres.DEFAULT_PINPOINTS
+        d["image_grid_pinpoints"] = pinpoints(config)
     if config.anyres_max is not None:
         d["vision_aspect_ratio"] = f"anyres_max_{config.anyres_max}"
     if config.video_token_id is not None:

@@ -110,7 +110,7 @@ def process(img, mode=None, image_size=336, mean=CLIP_MEAN, std=CLIP_STD, pinpoi
         raise ValueError(f"image has zero size ({w}x{h})")
     img = to_rgb(img)
     if mode == "anyres":
-        canvas = anyres.select_best_resolution((h, w), pinpoints or anyres.DEFAULT_PINPOINTS)
+        canvas = anyres.select_best_resolution((h, w), pinpoints or anyres.default_pinpoints(image_size))
         return torch.stack([normalize(v, mean, std) for v in tiles(img, canvas, image_size)]), (h, w)
     if mode == "squash":
         return normalize(img.resize((image_size, image_size), Image.Resampling.BICUBIC), mean, std), (h, w)

@@ -47,8 +47,8 @@ VISION_TOWERS = {"clip_vision_model": CLIPVisionTower, "siglip_vision_model": Si
 
 
 def pinpoints(config):
-    """The AnyRes canvases, [height, width] (LLaVA-1.6's when the config names none)."""
-    return config.image_grid_pinpoints or anyres.DEFAULT_PINPOINTS
+    """The AnyRes canvases, [height, width] (LLaVA-1.6's grids when the config names none)."""
+    return config.image_grid_pinpoints or anyres.default_pinpoints(config.vision.image_size)
 
 
 def pool2x2(x):

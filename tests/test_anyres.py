@@ -335,15 +335,15 @@ MODEL_PINPOINTS = {
 }
 
 
-def hf_llava_next(pinpoints, seed=0, vocab=64):
+def hf_llava_next(pinpoints, seed=0, vocab=64, text_config=None):
     """A random-weight transformers LlavaNextForConditionalGeneration (eager attention, float32)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                           image_size=TILE, patch_size=PATCH, projection_dim=8)
-    tc = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, pad_token_id=0,
-                     max_position_embeddings=1024)
+    tc = text_config or LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                    pad_token_id=0, max_position_embeddings=1024)
     config = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=vocab - 1,
                              image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
                              vision_feature_select_strategy="default")
@@ -415,6 +415,39 @@ def test_llava_next_checkpoint_gives_transformers_logits(tmp_path_factory, which
         got = model(batch[0], pixel_values=batch[2], image_sizes=batch[3], attention_mask=batch[1])
     for f, size in zip(feats, sizes):
         assert len(f) == num_image_tokens(model.config, size)
+    assert_close_logits(got, hf_forward(hf, *batch), batch[1])
+
+
+def next_family_text_configs():
+    """The LLMs of the LLaVA-NeXT family, tiny: (name, text config, a line of its chat template, template)."""
+    from transformers import LlamaConfig, MistralConfig
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                 rms_norm_eps=1e-5, pad_token_id=0, max_position_embeddings=1024)
+    return [
+        ("llava-v1.6-mistral-7b-hf", MistralConfig(**small, num_key_value_heads=2, sliding_window=1024),
+         "{{ '[INST] ' }}{{ content['text'] }}{{' [/INST]' }}", "mistral_instruct"),
+        ("llava-v1.6-34b-hf (Yi)", LlamaConfig(**small, num_key_value_heads=1, rope_theta=5e6),
+         "{{ '<|im_start|>' + message['role'] + '\n' }}", "chatml_direct"),
+        ("llama3-llava-next-8b-hf", LlamaConfig(**small, num_key_value_heads=2, rope_theta=5e5),
+         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}", "llava_llama_3"),
+        ("llava-v1.6-vicuna-7b-hf", LlamaConfig(**small, num_key_value_heads=4),
+         "{{ 'USER: ' }}{{ content['text'] }}{{ ' ASSISTANT:' }}", "vicuna_v1"),
+    ]
+
+
+@pytest.mark.parametrize("name,text,chat_template,template", next_family_text_configs(),
+                         ids=[c[0] for c in next_family_text_configs()])
+def test_llava_next_families_load_with_their_template_and_transformers_logits(tmp_path, name, text, chat_template,
+                                                                              template):
+    from nanollava.llava import LLaVA
+    hf = hf_llava_next(MODEL_PINPOINTS["v1.6 shape"], seed=2, text_config=text)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(chat_template)
+    model = LLaVA.from_pretrained(str(tmp_path)).eval()
+    assert model.config.template == template
+    batch = anyres_batch([(70, 30), (20, 100)], MODEL_PINPOINTS["v1.6 shape"], seed=8)
+    with torch.no_grad():
+        got = model(batch[0], pixel_values=batch[2], image_sizes=batch[3], attention_mask=batch[1])
     assert_close_logits(got, hf_forward(hf, *batch), batch[1])
 
 
