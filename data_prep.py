@@ -13,7 +13,9 @@ processes). For X.json it writes to --out:
                   sample's length is text_tokens + n_images * num_image_tokens. LLaVADataset
                   reads it (next to X.json) for the length-grouped sampler.
   X.report.txt    one line per broken / skipped / truncated record with the reason
-and prints counts of good, broken and skipped records by reason.
+and prints counts of good, broken and skipped records by reason. Every output is written
+atomically (a temporary file, fsynced, then renamed; all three only once each is complete), so
+an earlier good output survives any failure and no `.tmp` is left behind.
 
 The toy (default --out data/toy) is built from the `easy-vqa` package (MIT; 64x64 PNGs of one
 coloured shape, 4,000 train / 1,000 test images):
@@ -35,11 +37,12 @@ import shutil
 import sys
 import time
 from collections import Counter
+from contextlib import ExitStack
 from multiprocessing import Pool
 
 from tqdm import tqdm
 
-from nanollava import conversation
+from nanollava import conversation, files
 from nanollava.conversation import SHORT_ANSWER
 from nanollava.data import check_record, image_path, load_json, open_image, truncate
 from nanollava.tokenizer import Tokenizer, train_bpe
@@ -77,6 +80,7 @@ def validate(records, image_folder, tokenizer=None, template="vicuna_v1", num_im
         except ValueError as e:
             msg = str(e)
             reason = ("image path escapes the folder" if "escapes" in msg else
+                      "text is not valid Unicode" if "not valid Unicode" in msg else
                       "no conversations" if "no 'conversations'" in msg else
                       "turns not alternating human/gpt" if "alternate" in msg or "must end" in msg else
                       "<image> without an image" if "without an image" in msg else
@@ -84,6 +88,11 @@ def validate(records, image_folder, tokenizer=None, template="vicuna_v1", num_im
                       "more <image> tags than images" if "more <image>" in msg else
                       "empty assistant reply" if "empty assistant" in msg else "malformed record")
             problems.append(("broken", i, rid, reason, msg))
+            continue
+        try:                                        # the output must be able to hold it
+            json.dumps(rec, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError, TypeError, ValueError) as e:
+            problems.append(("broken", i, rid, "cannot be written as UTF-8 JSON", f"{type(e).__name__}: {e}"))
             continue
         parsed.append((i, rid, rec, paths))
 
@@ -113,7 +122,11 @@ def validate(records, image_folder, tokenizer=None, template="vicuna_v1", num_im
             continue
         n = len(paths)
         if tokenizer is not None:
-            ids, labels = conversation.tokenize(rec["conversations"], tokenizer, template, [0] * n)
+            try:
+                ids, labels = conversation.tokenize(rec["conversations"], tokenizer, template, [0] * n)
+            except ValueError as e:
+                problems.append(("broken", i, rid, "cannot be tokenized", str(e)))
+                continue
             text_tokens = len(ids)
             if max_length is not None and text_tokens + n * num_image_tokens > max_length:
                 full, lab = conversation.tokenize(rec["conversations"], tokenizer, template,
@@ -137,18 +150,26 @@ def validate(records, image_folder, tokenizer=None, template="vicuna_v1", num_im
 
 def write_outputs(out, stem, good, index, problems, source, image_folder, template,
                   num_image_tokens, max_length, estimated):
+    """X.json, X.index.json, X.report.txt: all three are written in full before any replaces its
+    old version, so a failure leaves the previous outputs (a matching set) in place."""
     os.makedirs(out, exist_ok=True)
     paths = [os.path.join(out, f"{stem}{ext}") for ext in (".json", ".index.json", ".report.txt")]
-    with open(paths[0], "w", encoding="utf-8") as f:
-        json.dump(good, f, ensure_ascii=False)
-    with open(paths[1], "w", encoding="utf-8") as f:
-        json.dump(dict(source=source, image_folder=image_folder, template=template,
-                       num_image_tokens=num_image_tokens, max_length=max_length,
-                       tokens_estimated=estimated, records=index), f)
-    with open(paths[2], "w", encoding="utf-8") as f:
-        for status, i, rid, reason, msg in problems:
-            f.write(f"{status}\trecord {i} (id {rid})\t{reason}\t{msg}\n")
+    report = "".join(f"{status}\trecord {i} (id {rid})\t{reason}\t{msg}\n"
+                     for status, i, rid, reason, msg in problems)
+    texts = [json.dumps(good, ensure_ascii=False),
+             json.dumps(dict(source=source, image_folder=image_folder, template=template,
+                             num_image_tokens=num_image_tokens, max_length=max_length,
+                             tokens_estimated=estimated, records=index)),
+             report.encode("utf-8", "backslashreplace").decode("utf-8")]   # a bad id is still reported
+    write_all(dict(zip(paths, texts)))
     return paths
+
+
+def write_all(texts):
+    """{path: text}: each written to path.tmp and fsynced, then all renamed (files.atomic_write)."""
+    with ExitStack() as stack:
+        for path, text in texts.items():
+            stack.enter_context(files.atomic_write(path)).write(text)
 
 
 def print_summary(name, n_total, good, problems, counts):
@@ -160,8 +181,8 @@ def print_summary(name, n_total, good, problems, counts):
     for (status, reason), c in sorted(counts.items()):
         print(f"  {status:9s} {c:7d}  {reason}")
     for status, i, rid, reason, msg in problems[:10]:
-        if status != "truncated":
-            print(f"  e.g. record {i} (id {rid}): {msg}")
+        if status != "truncated":                   # a lone surrogate in an id or message is escaped
+            print(f"  e.g. record {i} (id {rid}): {msg}".encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def prep(args):
@@ -180,9 +201,12 @@ def prep(args):
     good, index, problems, counts, est = validate(
         records, args.image_folder, tok, args.template, args.num_image_tokens, args.max_length,
         args.workers, desc=stem)
-    paths = write_outputs(args.out, stem, good, index, problems, os.path.abspath(args.json),
-                          os.path.abspath(args.image_folder), args.template, args.num_image_tokens,
-                          args.max_length, est)
+    try:
+        paths = write_outputs(args.out, stem, good, index, problems, os.path.abspath(args.json),
+                              os.path.abspath(args.image_folder), args.template, args.num_image_tokens,
+                              args.max_length, est)
+    except files.WriteError as e:
+        sys.exit(f"error: {e}")
     print_summary(args.json, len(records), good, problems, counts)
     print("wrote " + ", ".join(paths))
 
@@ -255,7 +279,8 @@ def build_toy(out, seed=0, max_turns=8, workers=1, limit=None):
         for i, src in paths.items():
             dst = os.path.join(img_root, split, f"{i}.png")
             if not os.path.isfile(dst) or os.path.getsize(dst) != os.path.getsize(src):
-                shutil.copyfile(src, dst)
+                with files.replacing(dst) as tmp:
+                    shutil.copyfile(src, tmp)
 
     train = _per_image(*splits["train"][0])
     stage1, stage2, unlabeled, partial = [], [], 0, 0
@@ -298,7 +323,7 @@ def build_toy(out, seed=0, max_turns=8, workers=1, limit=None):
               conversation.MULTIPLE_CHOICE]
     tok = train_bpe(texts, vocab_size=512)
     tok_path = os.path.join(out, "tokenizer.json")
-    tok.tok.save(tok_path)
+    write_all({tok_path: tok.tok.to_str(pretty=True)})
     tok = Tokenizer.from_file(tok_path)
 
     written, decoded = [tok_path], set()
@@ -310,11 +335,10 @@ def build_toy(out, seed=0, max_turns=8, workers=1, limit=None):
         written += write_outputs(out, stem, good, index, problems, "easy-vqa", "images", template,
                                  None, None, est)
         print_summary(stem, len(records), good, problems, counts)
-    for name, rows in (("eval_questions.jsonl", eval_q), ("eval_answers.jsonl", eval_a)):
-        path = os.path.join(out, name)
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        written.append(path)
+    evals = {os.path.join(out, name): "".join(json.dumps(r) + "\n" for r in rows)
+             for name, rows in (("eval_questions.jsonl", eval_q), ("eval_answers.jsonl", eval_a))}
+    write_all(evals)
+    written += list(evals)
     n_img = sum(len(p) for _, p in splits.values())
     print(f"toy data set from easy-vqa in {out}/ ({time.time() - t0:.1f}s):")
     print(f"  images/{{train,test}}/*.png   {n_img} images (64x64)")

@@ -9,23 +9,42 @@ Two modes:
 
 2. score an answer file against ground truth, beside the published LLaVA-1.5-7B row:
    python eval.py --benchmark pope --answers A.jsonl --questions llava_pope_test.jsonl --annotations DIR
-   python eval.py --benchmark toy  --answers A.jsonl   # data/toy/eval_answers.jsonl by default
+   python eval.py --benchmark toy  --answers A.jsonl   # data/toy/eval_{answers,questions}.jsonl by default
 
 The toy benchmark end to end (easy-vqa test split, built by data_prep.py):
    python eval.py --model out/toy/stage2 --questions data/toy/eval_questions.jsonl \\
        --answers out/toy/eval_answers.jsonl --benchmark toy
 
 Both at once: give --model and --benchmark.
+
+What a run guarantees:
+  - One question never stops a run. A question that fails (image missing, unreadable, too large
+    or outside --image-folder; "<image>" in its text; text that is not valid Unicode; a prompt
+    longer than the model's context; a generation error) gets an answer record with an "error"
+    field. Errors are final: a rerun skips them like answers (they would fail again), unless
+    --retry-errors. Over-long prompts are refused unless --truncate-prompts, which cuts the start
+    of the question text (the question and its answer-format line are at its end) with a warning.
+  - Every answer record's `metadata` names the model (sha256 of its files and tokenizer) and the
+    settings that change answers (template, dtype, max_new_tokens); resuming into an answer file made by
+    another model, other settings or another question file is an error. (--truncate-prompts is
+    not one of them: it only answers questions that would otherwise fail.)
+  - Scoring counts failed and missing answers as wrong, and says how many there were ("missing":
+    a question of --questions without an answer). An answer file with duplicate question ids,
+    non-object lines, or the ids of another benchmark is refused; so is one whose prompts are
+    not --questions' texts (for the toy, eval_questions.jsonl beside the ground truth is used).
 """
 
 import argparse
+import hashlib
 import json
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
-from nanollava import metrics
+from nanollava import files, metrics
+from nanollava.cli import DTYPES, device, positive_int
 
 # LLaVA-1.5-7B, Table 4 of "Improved Baselines with Visual Instruction Tuning"
 PUBLISHED_7B = {"vqav2": 78.5, "gqa": 62.0, "vizwiz": 50.0, "scienceqa": 66.8, "textvqa": 58.2,
@@ -37,29 +56,60 @@ ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metada
 # answer / question files
 
 def read_jsonl(path, what="file"):
-    """Read a jsonl file; a bad line raises a ValueError naming the file and line."""
+    """Read a jsonl file of JSON objects; a bad line raises a ValueError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     records = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{what} {path}, line {i}: not valid JSON ({e})") from None
+    with open(path, encoding="utf-8") as f:
+        try:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as e:
+                    raise ValueError(f"{what} {path}, line {i}: not valid JSON ({type(e).__name__}: {e})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{what} {path}, line {i}: expected a JSON object, got {type(rec).__name__}")
+                records.append(rec)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
     return records
 
 
-def load_existing_answers(path):
-    """Answers already written by an interrupted run. A torn last line (the process died
-    mid-write) is cut off so the file can be appended to again."""
+def check_ids(records, path, what):
+    """Every record has a string or integer question_id, each id once."""
+    seen = {}
+    for i, rec in enumerate(records, 1):
+        qid = rec.get("question_id")
+        if not isinstance(qid, (int, str)) or isinstance(qid, bool):
+            raise ValueError(f"{what} {path}, record {i}: question_id must be a string or an integer, got {qid!r}")
+        if qid in seen:
+            raise ValueError(f"{what} {path}: question_id {qid!r} appears twice (records {seen[qid]} and {i})")
+        seen[qid] = i
+    return records
+
+
+def read_answers(path):
+    """An answer file to score: LLaVA records, one per question, each with a string `text`."""
+    answers = check_ids(read_jsonl(path, "answer file"), path, "answer file")
+    for i, a in enumerate(answers, 1):
+        if not isinstance(a.get("text"), str):
+            raise ValueError(f"answer file {path}, record {i}: no string 'text' (LLaVA answer format)")
+    return answers
+
+
+def load_existing_answers(path, questions, settings, retry_errors=False):
+    """Answers already written by an earlier run into `path`, by question id. Each must have been
+    made by the same model and settings, for the same question text; anything else is an error
+    rather than a silent mix. A torn last line (the process died mid-write) is cut off;
+    --retry-errors drops the error records so they are asked again."""
     path = Path(path)
     if not path.is_file():
         return {}
-    lines = path.read_text().splitlines(keepends=True)
+    text_of = {q["question_id"]: q["text"] for q in questions}
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     done, keep = {}, []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -71,15 +121,76 @@ def load_existing_answers(path):
                 print(f"{path}: dropping a torn last line from an interrupted run")
                 break
             raise ValueError(f"answer file {path}, line {i + 1}: not valid JSON") from None
-        done[rec["question_id"]] = rec
+        where = f"answer file {path}, line {i + 1}"
+        if not isinstance(rec, dict) or "question_id" not in rec:
+            raise ValueError(f"{where}: not an answer record (a JSON object with a question_id)")
+        qid = rec["question_id"]
+        if rec.get("metadata") != settings:
+            raise ValueError(f"{where} was made with {rec.get('metadata')!r}, this run is {settings!r}: "
+                             f"pass another --answers to answer with this model and these settings")
+        if qid not in text_of or rec.get("prompt") != text_of[qid]:
+            raise ValueError(f"{where}: question {qid!r} is not in the question file or has another text "
+                             f"there: is this answer file for another benchmark?")
+        if qid in done:
+            raise ValueError(f"{where}: question {qid!r} answered twice")
+        if retry_errors and "error" in rec:
+            continue
+        done[qid] = rec
         keep.append(line if line.endswith("\n") else line + "\n")
     if "".join(keep) != "".join(lines):
-        path.write_text("".join(keep))
+        with files.atomic_write(path) as f:
+            f.write("".join(keep))
     return done
+
+
+def model_fingerprint(model_dir, tokenizer_path):
+    """sha256 of the model's files (weights, configs) and the tokenizer: what made the answers.
+    Reads the weights once (seconds for a 7B model, next to an hour of evaluation)."""
+    paths = sorted(p for p in Path(model_dir).iterdir()
+                   if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".model"))
+    if Path(tokenizer_path).resolve() not in {p.resolve() for p in paths}:
+        paths.append(Path(tokenizer_path))
+    h = hashlib.sha256()
+    for p in paths:
+        digest = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        h.update(p.name.encode() + digest.digest())
+    return h.hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
 # generation
+
+def fit_prompt(messages, tok, template, num_image_tokens, context, max_new_tokens, truncate=False):
+    """Prompt ids of `messages` that leave max_new_tokens of room in the model's context (its
+    max_position_embeddings). An over-long prompt is a ValueError, or with truncate=True loses the
+    start of the last user turn's text (after its "<image>\n"), with a warning."""
+    from nanollava import conversation
+
+    def build(msgs):
+        return conversation.generation_prompt(msgs, tok, template=template, num_image_tokens=num_image_tokens)
+    ids, room = build(messages), context - max_new_tokens
+    if len(ids) <= room:
+        return ids
+    if not truncate:
+        raise ValueError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's "
+                         f"context of {context} positions (--truncate-prompts cuts the question to fit)")
+    last = messages[-1]["value"]
+    head = "<image>\n" if last.startswith("<image>\n") else ""
+    body = tok.encode(last[len(head):])
+    cut = len(ids) - room
+    while cut < len(body):
+        msgs = messages[:-1] + [dict(messages[-1], value=head + tok.decode(body[cut:]))]
+        ids = build(msgs)
+        if len(ids) <= room:
+            warnings.warn(f"prompt truncated to {len(ids)} tokens: dropped the first {cut} tokens of the question")
+            return ids
+        cut += len(ids) - room
+    raise ValueError(f"prompt does not fit the model's context of {context} positions with {max_new_tokens} new "
+                     f"tokens even without the question text")
+
 
 def process_image(img, config):
     """image.process with the checkpoint's image mode and resolution: (pixels, (h, w))."""
@@ -88,30 +199,23 @@ def process_image(img, config):
                              config=config)
 
 
-def build_prompts(questions, image_folder, tok, config, template, max_prompt_tokens=None):
-    """For each question: (prompt ids, pixels or None, (h, w) or None, error or None)."""
-    from PIL import Image
-    from nanollava import conversation, image as image_lib
-    out = []
-    for q in questions:
-        pixels = size = None
-        text = q["text"]
-        if q.get("image"):
-            path = Path(image_folder) / q["image"]
-            try:
-                with Image.open(path) as im:
-                    pixels, size = process_image(im, config)   # process() converts to RGB (alpha on white, as HF)
-            except (OSError, ValueError) as e:  # missing, truncated, not an image
-                out.append((None, None, None, f"cannot read image {path}: {e}"))
-                continue
-            n_img = image_lib.num_image_tokens(size, mode=config.image_aspect_ratio, config=config)
-            messages = [{"from": "human", "value": "<image>\n" + text}]
-        else:
-            n_img = 0
-            messages = [{"from": "human", "value": text}]
-        ids = conversation.generation_prompt(messages, tok, template=template, num_image_tokens=n_img)
-        out.append((ids, pixels, size, None))
-    return out
+def build_prompt(q, image_folder, tok, config, template, max_new_tokens, truncate=False):
+    """(prompt ids, pixels or None, (h, w) or None) for one question; ValueError / OSError says why not."""
+    from nanollava import image as image_lib
+    from nanollava.data import image_path, open_image
+    if "<image>" in q["text"]:
+        raise ValueError("the question text contains '<image>', the image placeholder (eval.py puts it "
+                         "in the prompt itself)")
+    pixels = size = None
+    n_img = 0
+    if q.get("image"):
+        with open_image(image_path(image_folder, q["image"])) as im:   # escapes, size guards
+            pixels, size = process_image(im, config)   # process() converts to RGB (alpha on white, as HF)
+        n_img = image_lib.num_image_tokens(size, mode=config.image_aspect_ratio, config=config)
+    messages = [{"from": "human", "value": ("<image>\n" if pixels is not None else "") + q["text"]}]
+    ids = fit_prompt(messages, tok, template, n_img, config.text.max_position_embeddings, max_new_tokens,
+                     truncate)
+    return ids, pixels, size
 
 
 def collate_left(items, pad_id):
@@ -123,8 +227,8 @@ def collate_left(items, pad_id):
     for b, (ids, *_) in enumerate(items):
         input_ids[b, T - len(ids):] = torch.as_tensor(ids)
         attention_mask[b, T - len(ids):] = 1
-    pixels = [p for _, p, _, _ in items if p is not None]
-    sizes = [s for _, p, s, _ in items if p is not None]
+    pixels = [p for _, p, _ in items if p is not None]
+    sizes = [s for _, p, s in items if p is not None]
     pixel_values = image_sizes = None
     if pixels:
         if pixels[0].dim() == 4:  # AnyRes (n_tiles, 3, H, W): pad to the most tiles
@@ -135,56 +239,71 @@ def collate_left(items, pad_id):
     return input_ids, attention_mask, pixel_values, image_sizes
 
 
+def generate_texts(model, tok, items, max_new_tokens, device, stop):
+    """Greedy answers of a batch of built prompts, each up to its first stop token (the template's)."""
+    import torch
+    from nanollava.generate import generate
+    input_ids, mask, pixel_values, image_sizes = collate_left(items, tok.pad_id)
+    with torch.no_grad():
+        new = generate(model, input_ids.to(device),
+                       pixel_values=None if pixel_values is None else pixel_values.to(device),
+                       image_sizes=None if image_sizes is None else image_sizes.to(device),
+                       attention_mask=mask.to(device), max_new_tokens=max_new_tokens, temperature=0.0,
+                       eos_token_id=stop)
+    return [tok.decode(row[:next((k for k, t in enumerate(row) if t in stop), len(row))]).strip()
+            for row in new.tolist()]
+
+
 def answer_questions(model, tok, questions, image_folder, answers_path, batch_size=8,
-                     max_new_tokens=128, device="cpu", model_id="nanollava", template=None):
+                     max_new_tokens=128, device="cpu", model_id="nanollava", template=None, settings=None,
+                     truncate=False, retry_errors=False):
     """Greedy answers for every question not yet in answers_path, appended batch by batch.
     Returns counts: dict(done, skipped, errors)."""
-    import torch
     from tqdm import tqdm
     from nanollava import conversation
-    from nanollava.generate import generate
     config = model.config
     template = template or config.template
     stop = conversation.stop_ids(tok, template)
-    done = load_existing_answers(answers_path)
+    settings = settings or {}
+    done = load_existing_answers(answers_path, questions, settings, retry_errors)
     todo = [q for q in questions if q["question_id"] not in done]
     counts = dict(done=0, skipped=len(questions) - len(todo), errors=0)
     Path(answers_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(answers_path, "a") as f:
-        for start in tqdm(range(0, len(todo), batch_size), desc="eval", unit="batch",
-                          disable=not sys.stderr.isatty()):
-            batch = todo[start:start + batch_size]
-            items = build_prompts(batch, image_folder, tok, config, template)
-            ok = [i for i, it in enumerate(items) if it[3] is None]
-            texts = {}
-            if ok:
-                input_ids, mask, pixel_values, image_sizes = collate_left([items[i] for i in ok], tok.pad_id)
-                with torch.no_grad():
-                    new = generate(model, input_ids.to(device),
-                                   pixel_values=None if pixel_values is None else pixel_values.to(device),
-                                   image_sizes=None if image_sizes is None else image_sizes.to(device),
-                                   attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                   temperature=0.0, eos_token_id=stop)
-                for row, i in enumerate(ok):
-                    ids = new[row].tolist()
-                    ids = ids[:next((k for k, t in enumerate(ids) if t in stop), len(ids))]
-                    texts[i] = tok.decode(ids).strip()
-            for i, q in enumerate(batch):
-                rec = dict(question_id=q["question_id"], prompt=q["text"], text=texts.get(i, ""),
-                           answer_id=uuid.uuid4().hex[:22], model_id=model_id, metadata={})
-                if items[i][3] is not None:
-                    rec["error"] = items[i][3]
-                    counts["errors"] += 1
-                    print(f"question {q['question_id']}: {items[i][3]}", file=sys.stderr)
-                else:
-                    counts["done"] += 1
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
+    for start in tqdm(range(0, len(todo), batch_size), desc="eval", unit="batch",
+                      disable=not sys.stderr.isatty()):
+        batch = todo[start:start + batch_size]
+        items, errors, texts = {}, {}, {}
+        for i, q in enumerate(batch):
+            try:
+                items[i] = build_prompt(q, image_folder, tok, config, template, max_new_tokens, truncate)
+            except (OSError, ValueError) as e:   # image missing/unreadable/too large/outside, bad text, too long
+                errors[i] = str(e)
+        try:
+            texts = dict(zip(items, generate_texts(model, tok, list(items.values()), max_new_tokens, device, stop)))
+        except (RuntimeError, ValueError):       # one question must not take its batch with it
+            for i, item in items.items():
+                try:
+                    texts[i] = generate_texts(model, tok, [item], max_new_tokens, device, stop)[0]
+                except (RuntimeError, ValueError) as e:
+                    errors[i] = f"generation failed: {type(e).__name__}: {e}"
+        lines = []
+        for i, q in enumerate(batch):
+            rec = dict(question_id=q["question_id"], prompt=q["text"], text=texts.get(i, ""),
+                       answer_id=uuid.uuid4().hex[:22], model_id=model_id, metadata=settings)
+            if i in errors:
+                rec["error"] = errors[i]
+                counts["errors"] += 1
+                print(f"question {q['question_id']}: {errors[i]}", file=sys.stderr)
+            else:
+                counts["done"] += 1
+            lines.append(json.dumps(rec))
+        files.append_line(answers_path, "\n".join(lines))
     return counts
 
 
 # -----------------------------------------------------------------------------
-# scoring: each returns {metric: value in %} plus "n"
+# scoring: each returns {metric: value in %} plus "n"; a failed answer (an `error` record) and a
+# missing one are wrong, whatever their text
 
 def _check_ids(answers, gt_ids, benchmark, answers_path):
     """Reject an answer file whose question ids are not this benchmark's."""
@@ -199,8 +318,29 @@ def _check_ids(answers, gt_ids, benchmark, answers_path):
 
 
 def _texts(answers):
-    """question_id -> answer text; records with an `error` field score as an empty answer."""
-    return {a["question_id"]: ("" if "error" in a else a["text"]) for a in answers}
+    """question_id -> answer text, None for a failed question (an `error` record): scored wrong."""
+    return {a["question_id"]: (None if "error" in a else a["text"]) for a in answers}
+
+
+def match_questions(answers, questions, answers_path):
+    """The answers of a question file: every answer's prompt must be its question's text (an
+    answer file of another benchmark whose ids overlap is refused); a question without an answer
+    is added as a missing one (scored wrong)."""
+    text_of = {q["question_id"]: q.get("text") for q in questions}
+    for a in answers:
+        if a["question_id"] not in text_of or a.get("prompt") != text_of[a["question_id"]]:
+            raise ValueError(f"answer file {answers_path}: question {a['question_id']!r} is not in the question "
+                             f"file or has another text there: is this an answer file for another benchmark?")
+    answered = {a["question_id"] for a in answers}
+    return answers + [dict(question_id=q["question_id"], prompt=q.get("text", ""), text="", error="no answer",
+                           missing=True) for q in questions if q["question_id"] not in answered]
+
+
+def _failures(answers, unanswered=0):
+    """{"failed": error records, "missing": questions without a record}: both are scored as wrong.
+    unanswered: ground-truth questions the scorer found no record for."""
+    missing = sum(bool(a.get("missing")) for a in answers)
+    return {"failed": sum("error" in a for a in answers) - missing, "missing": missing + unanswered}
 
 
 def score_pope(answers, questions_path, annotation_dir, answers_path="answers"):
@@ -212,7 +352,8 @@ def score_pope(answers, questions_path, annotation_dir, answers_path="answers"):
     labels = {s: read_jsonl(Path(annotation_dir) / f"coco_pope_{s}.json", "POPE label file") for s in splits}
     recs = [dict(question_id=k, text=v) for k, v in _texts(answers).items()]
     r = metrics.pope_splits(recs, questions, labels)
-    out = {"pope": 100 * r["mean_f1"], "n": sum(r[s]["n"] for s in splits)}
+    out = {"pope": 100 * r["mean_f1"], "n": sum(r[s]["n"] for s in splits),
+           **_failures(answers, len({q["question_id"] for q in questions} - {a["question_id"] for a in answers}))}
     for s in splits:
         for m in ("acc", "precision", "recall", "f1", "yes_ratio"):
             out[f"{s}/{m}"] = 100 * r[s][m]
@@ -224,8 +365,8 @@ def score_vqav2(answers, annotations, answers_path="answers"):
     gt = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in json.load(open(annotations))["annotations"]}
     _check_ids(answers, gt, "vqav2", answers_path)
     texts = _texts(answers)
-    scores = [metrics.vqa_accuracy(t, gt[q]) for q, t in texts.items()]
-    return {"vqav2": 100 * sum(scores) / len(scores), "n": len(scores)}
+    scores = [0.0 if t is None else metrics.vqa_accuracy(t, gt[q]) for q, t in texts.items()]
+    return {"vqav2": 100 * sum(scores) / len(scores), "n": len(scores), **_failures(answers)}
 
 
 def _textvqa_question(prompt):
@@ -246,8 +387,8 @@ def score_textvqa(answers, annotations, answers_path="answers"):
     gt = {(a["image_id"], a["question"].lower()): a["answers"] for a in json.load(open(annotations))["data"]}
     keys = [(a["question_id"], _textvqa_question(a["prompt"])) for a in answers]
     _check_ids([dict(question_id=k) for k in keys], gt, "textvqa", answers_path)
-    scores = [metrics.vqa_accuracy("" if "error" in a else a["text"], gt[k]) for a, k in zip(answers, keys)]
-    return {"textvqa": 100 * sum(scores) / len(scores), "n": len(scores)}
+    scores = [0.0 if "error" in a else metrics.vqa_accuracy(a["text"], gt[k]) for a, k in zip(answers, keys)]
+    return {"textvqa": 100 * sum(scores) / len(scores), "n": len(scores), **_failures(answers)}
 
 
 def score_gqa(answers, annotations, answers_path="answers"):
@@ -256,8 +397,8 @@ def score_gqa(answers, annotations, answers_path="answers"):
     answers = [dict(a, question_id=str(a["question_id"])) for a in answers]
     _check_ids(answers, gt, "gqa", answers_path)
     texts = _texts(answers)
-    scores = [metrics.gqa_accuracy(t, gt[q]) for q, t in texts.items()]
-    return {"gqa": 100 * sum(scores) / len(scores), "n": len(scores)}
+    scores = [0.0 if t is None else metrics.gqa_accuracy(t, gt[q]) for q, t in texts.items()]
+    return {"gqa": 100 * sum(scores) / len(scores), "n": len(scores), **_failures(answers)}
 
 
 def score_scienceqa(answers, annotations, answers_path="answers", split="test"):
@@ -270,12 +411,13 @@ def score_scienceqa(answers, annotations, answers_path="answers", split="test"):
     texts, options = _texts(answers), "ABCDE"
     right = {}
     for pid in pids:
-        letter = metrics.parse_scienceqa_letter(texts.get(pid, "FAILED"), options)
+        letter = metrics.parse_scienceqa_letter(texts.get(pid) or "FAILED", options)
         n = len(problems[pid]["choices"])
         right[pid] = letter in options[:n] and options.index(letter) == problems[pid]["answer"]
     img = [pid for pid in pids if problems[pid].get("image")]
     return {"scienceqa": 100 * sum(right[p] for p in img) / max(len(img), 1),
-            "all": 100 * sum(right.values()) / len(pids), "n": len(pids)}
+            "all": 100 * sum(right.values()) / len(pids), "n": len(pids),
+            **_failures(answers, sum(pid not in texts for pid in pids))}
 
 
 def score_mme(answers, annotations, answers_path="answers"):
@@ -307,23 +449,25 @@ def score_mme(answers, annotations, answers_path="answers"):
                             pred="" if "error" in a else a["text"]))
     s = metrics.mme_scores(records)
     return {"mme": s.get("perception", 0.0), "cognition": s.get("cognition", 0.0), "n": len(records),
+            **_failures(answers),
             **{k: v for k, v in s.items() if k not in ("perception", "cognition")}}
 
 
-def score_toy(answers_path, gt_path="data/toy/eval_answers.jsonl"):
+def score_toy(answers, gt_path="data/toy/eval_answers.jsonl", answers_path="answers"):
     """The toy benchmark: easy-vqa test questions from data_prep.py (eval_answers.jsonl:
     question_id, answer, category "open" | "yesno"). Reports exact match after VQA normalisation
-    over all questions and over the open ones, and POPE-style metrics over the yes/no ones."""
-    answers = read_jsonl(answers_path, "answer file")
+    over all questions and over the open ones, and POPE-style metrics over the yes/no ones.
+    answers: records or a path."""
+    if not isinstance(answers, list):
+        answers, answers_path = read_answers(answers), answers
     gts = read_jsonl(gt_path, "toy ground truth")
     gt = {g["question_id"]: g["answer"] for g in gts}
     category = {g["question_id"]: g.get("category", "yesno" if g["answer"] in ("yes", "no") else "open")
                 for g in gts}
     _check_ids(answers, gt, "toy", answers_path)
     texts = _texts(answers)
-    right = {q: metrics.exact_match(t, gt[q]) for q, t in texts.items()}
-    out = {"toy_acc": 100 * sum(right.values()) / len(right), "n": len(right),
-           "errors": sum("error" in a for a in answers)}
+    right = {q: 0.0 if t is None else metrics.exact_match(t, gt[q]) for q, t in texts.items()}
+    out = {"toy_acc": 100 * sum(right.values()) / len(right), "n": len(right), **_failures(answers)}
     open_q = [q for q in texts if category[q] == "open"]
     if open_q:
         out["open/acc"] = 100 * sum(right[q] for q in open_q) / len(open_q)
@@ -337,13 +481,15 @@ def score_toy(answers_path, gt_path="data/toy/eval_answers.jsonl"):
 
 
 def print_table(benchmark, scores):
+    """The scores beside the published row, then how many questions failed or had no answer."""
     print(f"{'benchmark':<24}{'score':>12}{'LLaVA-1.5-7B':>14}")
     for k, v in scores.items():
-        if k in ("n", "errors") or k.endswith("/n"):
+        if k in ("n", "failed", "missing") or k.endswith("/n"):
             continue
         ref = PUBLISHED_7B.get(k)
         print(f"{k:<24}{v:>12.2f}{'' if ref is None else f'{ref:>14.1f}'}")
-    print(f"({scores['n']} questions{', %d with errors' % scores['errors'] if scores.get('errors') else ''})")
+    print(f"({scores['n']} questions: {scores['failed']} failed, {scores['missing']} without an answer; "
+          f"both scored as wrong)")
 
 
 # -----------------------------------------------------------------------------
@@ -354,12 +500,16 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="tokenizer.json (default: MODEL/tokenizer.json)")
     p.add_argument("--template", help="conversation template (default: the checkpoint's)")
     p.add_argument("--questions", help="LLaVA question jsonl: question_id, image, text[, category]")
-    p.add_argument("--image-folder", default="data/toy/images", help="directory the question images are relative to")
+    p.add_argument("--image-folder", default="data/toy/images",
+                   help="directory the question images are relative to (no image may lie outside it)")
     p.add_argument("--answers", required=True, help="answer jsonl: written (resumable) or scored")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="128 short answers, 1024 free-form")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="128 short answers, 1024 free-form")
+    p.add_argument("--truncate-prompts", action="store_true",
+                   help="cut over-long questions to fit the model's context (default: an error record)")
+    p.add_argument("--retry-errors", action="store_true", help="ask the questions that failed in an earlier run again")
+    p.add_argument("--device", type=device, default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--benchmark", choices=["pope", "vqav2", "textvqa", "gqa", "scienceqa", "mme", "toy"],
                    help="score the answer file against this benchmark's ground truth")
@@ -375,6 +525,11 @@ def main(argv=None):
         from nanollava.tokenizer import Tokenizer
         if not args.questions:
             p.error("--model needs --questions")
+        questions = check_ids(read_jsonl(args.questions, "question file"), args.questions, "question file")
+        for i, q in enumerate(questions, 1):
+            if not isinstance(q.get("text"), str) or not isinstance(q.get("image", ""), str):
+                raise ValueError(f"question file {args.questions}, record {i}: needs a string 'text' (and "
+                                 f"'image', if any: a path) in the LLaVA question format, got keys {sorted(q)}")
         torch.manual_seed(args.seed)
         tok_path = Path(args.tokenizer or Path(args.model) / "tokenizer.json")
         if not tok_path.is_file():
@@ -386,22 +541,30 @@ def main(argv=None):
                              f"its tokenizer files); pass --template")
         print(f"template: {model.config.template}" + (" (--template)" if args.template else " (from the checkpoint)"))
         tok = Tokenizer.from_file(str(tok_path), image_token_id=model.config.image_token_id)
-        questions = read_jsonl(args.questions, "question file")
-        for i, q in enumerate(questions, 1):
-            if "question_id" not in q or not isinstance(q.get("text"), str):
-                raise ValueError(f"question file {args.questions}, record {i}: needs 'question_id' and a "
-                                 f"string 'text' (LLaVA question format), got keys {sorted(q)}")
+        context = model.config.text.max_position_embeddings
+        if args.max_new_tokens >= context:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
+                             f"model's context of {context} positions")
+        settings = dict(model_sha256=model_fingerprint(args.model, tok_path), template=model.config.template,
+                        dtype=args.dtype, max_new_tokens=args.max_new_tokens)
         t0 = time.time()
         c = answer_questions(model, tok, questions, args.image_folder, args.answers, args.batch_size,
-                             args.max_new_tokens, args.device, Path(args.model).name)
-        print(f"answered {c['done']}, skipped {c['skipped']} already answered, {c['errors']} errors "
+                             args.max_new_tokens, args.device, Path(args.model).name, settings=settings,
+                             truncate=args.truncate_prompts, retry_errors=args.retry_errors)
+        print(f"answered {c['done']}, {c['errors']} failed, skipped {c['skipped']} already in the file "
               f"in {time.time() - t0:.1f}s -> {args.answers}")
 
     if args.benchmark:
-        answers = read_jsonl(args.answers, "answer file")
         b, ann = args.benchmark, args.annotations
+        answers, questions_path = read_answers(args.answers), args.questions
+        if b == "toy" and not questions_path:            # data_prep.py writes the two side by side
+            beside = Path(ann or "data/toy/eval_answers.jsonl").with_name("eval_questions.jsonl")
+            questions_path = beside if beside.is_file() else None
+        if questions_path:                               # another benchmark's answers; unanswered questions
+            questions = check_ids(read_jsonl(questions_path, "question file"), questions_path, "question file")
+            answers = match_questions(answers, questions, args.answers)
         if b == "toy":
-            scores = score_toy(args.answers, ann or "data/toy/eval_answers.jsonl")
+            scores = score_toy(answers, ann or "data/toy/eval_answers.jsonl", args.answers)
         elif ann is None:
             p.error(f"--benchmark {b} needs --annotations")
         elif b == "pope":
@@ -419,7 +582,7 @@ def cli(argv=None):
     """main() with bad input reported as one clear line instead of a stack trace."""
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:          # FileNotFoundError, files.WriteError (a full disk) ...
         sys.exit(f"eval.py: error: {e}")
 
 

@@ -9,6 +9,11 @@ the image mode (crop | pad | anyres) come from the checkpoint (--template overri
 user turn (LLaVA puts "<image>\\n" there) and stays in context for later turns; every turn
 re-encodes the whole conversation (simple, and cheap next to the answer itself).
 temperature 0 is greedy decoding.
+
+Every bad argument or input is one line, not a traceback: a missing, corrupt, too large or too
+thin image, a sampling setting out of range, a dtype or device this machine lacks, and a prompt
+that leaves no room for --max-new-tokens in the model's context (--truncate-prompts cuts the
+start of the question instead). In --chat mode a bad turn is reported and skipped.
 """
 
 import argparse
@@ -17,10 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from eval import fit_prompt
 from nanollava import LLaVA, conversation
 from nanollava import image as image_lib
+from nanollava.cli import DTYPES, device, non_negative_float, non_negative_int, positive_int, probability
+from nanollava.data import open_image
 from nanollava.generate import stream
 from nanollava.tokenizer import Tokenizer
 
@@ -44,12 +51,9 @@ def load_image(path, config):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            pixels, size = image_lib.process(im, mode=config.image_aspect_ratio,
-                                             image_size=config.vision.image_size, config=config)
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    with open_image(str(path)) as im:                   # corrupt, too large, too thin: a ValueError
+        pixels, size = image_lib.process(im, mode=config.image_aspect_ratio,
+                                         image_size=config.vision.image_size, config=config)
     n = image_lib.num_image_tokens(size, mode=config.image_aspect_ratio, config=config)
     return pixels.unsqueeze(0), torch.tensor([size], dtype=torch.long), n
 
@@ -57,7 +61,11 @@ def load_image(path, config):
 def reply(model, tok, messages, image, args, out=sys.stdout):
     """Stream one assistant answer to `out`; returns (text, stats)."""
     pixel_values, image_sizes, n_img = image if image is not None else (None, None, 0)
-    ids = conversation.generation_prompt(messages, tok, template=model.config.template, num_image_tokens=n_img)
+    question = messages[-1]["value"]
+    if "<image>" in (question.removeprefix("<image>\n") if image is not None and len(messages) == 1 else question):
+        raise ValueError("'<image>' in the question: sample.py puts the --image in the prompt itself")
+    ids = fit_prompt(messages, tok, model.config.template, n_img, model.config.text.max_position_embeddings,
+                     args.max_new_tokens, args.truncate_prompts)
     input_ids = torch.tensor([ids], dtype=torch.long, device=args.device)
     if pixel_values is not None:
         pixel_values, image_sizes = pixel_values.to(args.device), image_sizes.to(args.device)
@@ -97,13 +105,15 @@ def main(argv=None):
     p.add_argument("--image", help="image file (optional: text-only without it)")
     p.add_argument("--prompt", help="the question (single-turn mode)")
     p.add_argument("--chat", action="store_true", help="multi-turn: read questions from stdin until EOF or 'exit'")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="at most; fewer at an eos")
+    p.add_argument("--truncate-prompts", action="store_true",
+                   help="cut an over-long question to fit the model's context (default: an error)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", type=device, default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     args = p.parse_args(argv)
     if not args.chat and args.prompt is None:
@@ -111,6 +121,10 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     model, tok = load(args.model, args.tokenizer, args.device, args.dtype, args.template)
+    context = model.config.text.max_position_embeddings
+    if args.max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context} positions")
     image = load_image(args.image, model.config) if args.image else None
 
     def ask(messages):
@@ -137,14 +151,18 @@ def main(argv=None):
         messages.append({"from": "human", "value": (prefix if not messages else "") + line.strip()})
         if sys.stdin.isatty():
             print("ASSISTANT: ", end="", flush=True)
-        messages.append({"from": "gpt", "value": ask(messages)})
+        try:
+            messages.append({"from": "gpt", "value": ask(messages)})
+        except ValueError as e:                         # this turn cannot be asked: say so, keep the chat
+            print(f"sample.py: error: {e}", file=sys.stderr)
+            messages.pop()
 
 
 def cli(argv=None):
     """main() with bad input reported as one clear line instead of a stack trace."""
     try:
         main(argv)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"sample.py: error: {e}")
 
 

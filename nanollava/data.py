@@ -7,10 +7,20 @@ workers. Each `<image>` expands to its visual tokens (HF convention), so the seq
 known before the vision tower runs and truncation can keep images whole: text after the last
 whole image is dropped; a sample whose first image does not fit is skipped and counted.
 
-Bad records (missing/corrupt image, malformed conversation, ...) never crash an epoch:
-`__getitem__` warns, counts the reason in `dataset.skipped` (per process: each DataLoader
-worker keeps its own count) and returns the next good record. data_prep.py finds them all
-up front in one pass.
+Bad records (missing/corrupt/oversized image, malformed conversation, text that is not valid
+Unicode, ...) never crash an epoch: `__getitem__` warns, counts the reason and returns the next
+good record. The counts travel with the sample (`sample["skipped"]`, summed by `collate`), so
+the training loop sees the skips of every DataLoader worker; `dataset.skipped` is this
+process's own tally. Two guards keep "skip" from hiding a broken setup: the dataset refuses an
+image folder that holds none of the first images the data names, and `__getitem__` gives up
+with a DataError after MAX_SKIPS_IN_A_ROW bad records in a row. data_prep.py finds every bad
+record up front in one pass.
+
+Images are checked from their header, before any pixel is decoded: at most MAX_IMAGE_PIXELS
+for the square a `pad` image is pasted on (max(w, h)^2, so also w * h) and an aspect ratio of
+at most MAX_ASPECT_RATIO (`crop` scales the short side to 336: a 30000x1 strip would become
+336 x 10 million pixels). Decoding memory is bounded by the pixel count, not the file size: a
+169-byte PNG can claim 30000x30000 pixels.
 """
 import json
 import os
@@ -22,6 +32,15 @@ from PIL import Image
 
 from nanollava import conversation, image
 from nanollava.conversation import IGNORE_INDEX, IMAGE_TAG
+
+MAX_IMAGE_PIXELS = 8192 * 8192    # 64 M pixels: 192 MiB as RGB
+MAX_ASPECT_RATIO = 50             # long side / short side
+MAX_SKIPS_IN_A_ROW = 64           # more bad records in a row than this: the setup is wrong, stop
+FOLDER_PROBE = 32                 # images looked up to tell a wrong --image-folder from bad records
+
+
+class DataError(RuntimeError):
+    """The data cannot be used at all (not one bad record: those are skipped)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,9 +55,26 @@ def load_json(path):
             records = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply to read (LLaVA records are a few "
+                             "levels deep)") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records
+
+
+def load_json_object(path):
+    """A small JSON object file (an index, a checkpoint's meta.json); errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a valid JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def record_images(rec):
@@ -62,6 +98,9 @@ def check_record(rec):
         raise ValueError("record has no 'conversations' list")
     conversation._check(conv, "vicuna_v1")        # alternating human/gpt, ending with gpt
     for t, turn in enumerate(conv):
+        bad = next((i for i, c in enumerate(turn["value"]) if 0xD800 <= ord(c) <= 0xDFFF), None)
+        if bad is not None:                       # valid JSON ("\udcff"), but not Unicode text
+            raise ValueError(f"turn {t}: text is not valid Unicode (lone surrogate at character {bad})")
         if turn["from"] == "gpt" and not turn["value"].strip():
             raise ValueError(f"turn {t}: empty assistant reply")
         if turn["from"] == "gpt" and IMAGE_TAG in turn["value"]:
@@ -88,20 +127,54 @@ def image_path(image_folder, rel):
     return path
 
 
+def check_image_size(width, height, path):
+    """Refuse an image whose preprocessing would allocate too much (see the module docstring)."""
+    if width == 0 or height == 0:
+        raise ValueError(f"image has zero size ({width}x{height}): {path}")
+    side = max(width, height)
+    if side > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"image too thin: {width}x{height} (aspect ratio {side / min(width, height):.0f}:1, "
+                         f"limit {MAX_ASPECT_RATIO}:1): {path}")
+    if side * side > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image too large: {width}x{height} ({side}x{side} = {side * side:,} pixels once "
+                         f"padded to a square, limit {MAX_IMAGE_PIXELS:,}): {path}")
+
+
 def open_image(path):
-    """Open and fully decode an image; clear errors for missing, empty, corrupt or 0-size files."""
+    """Open, size-check (header only) and fully decode an image; clear errors for missing, empty,
+    corrupt, oversized, too thin or 0-size files."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     if os.path.getsize(path) == 0:
         raise ValueError(f"image file is empty (0 bytes): {path}")
     try:
-        img = Image.open(path)
-        img.load()
+        img = Image.open(path)                    # reads the header only
+    except Image.DecompressionBombError as e:     # PIL's own limit, > 2 * its MAX_IMAGE_PIXELS
+        raise ValueError(f"image too large: {e}: {path}") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError ...
         raise ValueError(f"unreadable or corrupt image {path}: {e}") from None
-    if img.width == 0 or img.height == 0:
-        raise ValueError(f"image has zero size ({img.width}x{img.height}): {path}")
+    check_image_size(img.width, img.height, path)
+    try:
+        img.load()
+    except Exception as e:
+        raise ValueError(f"unreadable or corrupt image {path}: {e}") from None
     return img
+
+
+def check_image_folder(records, image_folder, json_path, probe=FOLDER_PROBE):
+    """Fail fast on a wrong --image-folder: if none of the first `probe` images the records name
+    exists under it, that is a setup error (one line), not thousands of skipped records."""
+    looked = []
+    for rec in records:
+        try:
+            looked += [image_path(image_folder, p) for p in record_images(rec)] if isinstance(rec, dict) else []
+        except ValueError:                        # a bad record: the dataset skips it later
+            continue
+        if len(looked) >= probe:
+            break
+    if looked and not any(os.path.isfile(p) for p in looked):
+        raise FileNotFoundError(f"none of the first {len(looked)} images {json_path} names is in the image "
+                                f"folder {image_folder} (e.g. {looked[0]}); is --image-folder right?")
 
 
 def image_spans(input_ids, image_token_id, image_counts=None):
@@ -167,11 +240,14 @@ class LLaVADataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.skipped = Counter()
         self._index = None
+        check_image_folder(self.records, image_folder, json_path)
         if index is None and os.path.isfile(os.path.splitext(json_path)[0] + ".index.json"):
             index = os.path.splitext(json_path)[0] + ".index.json"   # written by data_prep.py
         if index is not None:
-            with open(index, encoding="utf-8") as f:
-                self._index = json.load(f)["records"]
+            index_json = load_json_object(index)
+            self._index = index_json.get("records")
+            if not isinstance(self._index, list):
+                raise ValueError(f"{index}: no 'records' list; rerun data_prep.py")
             if len(self._index) != len(self.records):
                 raise ValueError(f"{index} describes {len(self._index)} records but {json_path} "
                                  f"has {len(self.records)}; rerun data_prep.py")
@@ -219,16 +295,22 @@ class LLaVADataset(torch.utils.data.Dataset):
                     image_sizes=sizes[:n])
 
     def __getitem__(self, i):
-        for k in range(len(self.records)):
+        """Record i, or the next good one; sample["skipped"] counts the bad ones passed over."""
+        skipped = Counter()
+        for k in range(min(len(self.records), MAX_SKIPS_IN_A_ROW)):
             j = (i + k) % len(self.records)
             try:
-                return self.load(j)
-            except (ValueError, FileNotFoundError, OSError) as e:
-                reason = str(e)
+                sample = self.load(j)
+                sample["skipped"] = skipped
+                return sample
+            except (ValueError, FileNotFoundError, OSError, MemoryError) as e:
+                reason = str(e) or type(e).__name__
+                skipped[type(e).__name__] += 1
                 self.skipped[type(e).__name__] += 1
                 rid = self.records[j].get("id", j) if isinstance(self.records[j], dict) else j
                 warnings.warn(f"{self.json_path}: skipping record {j} (id {rid}): {reason}", stacklevel=2)
-        raise RuntimeError(f"{self.json_path}: no usable record")
+        raise DataError(f"{self.json_path}: no usable record in {sum(skipped.values())} in a row from record "
+                        f"{i} (last: {reason}); data_prep.py lists every bad record")
 
 
 def pad_views(pixels):
@@ -264,7 +346,8 @@ def collate(batch, pad_id, ignore_index=IGNORE_INDEX):
     return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
                 pixel_values=(None if not pixels else pad_views(pixels) if pixels[0].dim() == 5
                               else torch.cat(pixels)),
-                image_sizes=torch.tensor(sizes, dtype=torch.long) if sizes else None)
+                image_sizes=torch.tensor(sizes, dtype=torch.long) if sizes else None,
+                skipped=dict(sum((Counter(b.get("skipped", {})) for b in batch), Counter())))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,7 +124,10 @@ def exact_match(prediction, gt_answer):
 # POPE (llava/eval/eval_pope.py)
 
 def parse_pope_answer(text):
-    """First sentence, commas removed; "no" if No/not/no is a word, else "yes"."""
+    """First sentence, commas removed; "no" if No/not/no is a word, else "yes". An empty answer is
+    None, no answer at all (the official rule would count it as "yes")."""
+    if not text.strip():
+        return None
     if text.find(".") != -1:
         text = text.split(".")[0]
     words = text.replace(",", "").split(" ")
@@ -134,15 +137,18 @@ def parse_pope_answer(text):
 def pope(answers, labels):
     """Binary yes/no metrics; answers are raw model texts, labels "yes"/"no" (same order).
 
-    Returns acc, precision, recall, f1, yes_ratio (fractions) and the confusion counts.
-    Undefined ratios (no positive prediction / label) are 0.0 instead of a ZeroDivisionError.
+    A failed question (answer None) or an empty answer counts as the wrong answer: a false
+    negative for a "yes" label, a false positive for a "no" one. Returns acc, precision, recall,
+    f1, yes_ratio (fractions) and the confusion counts. Undefined ratios (no positive prediction
+    / label) are 0.0 instead of a ZeroDivisionError.
     """
     if len(answers) != len(labels):
         raise ValueError(f"pope: {len(answers)} answers but {len(labels)} labels")
     if not answers:
         raise ValueError("pope: no answers to score")
-    preds = [parse_pope_answer(a) == "yes" for a in answers]
     gold = [lab != "no" for lab in labels]  # the official maps anything but "no" to yes
+    parsed = [None if a is None else parse_pope_answer(a) for a in answers]
+    preds = [p == "yes" if p is not None else not g for p, g in zip(parsed, gold)]   # None: wrong
     tp = sum(p and g for p, g in zip(preds, gold))
     fp = sum(p and not g for p, g in zip(preds, gold))
     tn = sum(not p and not g for p, g in zip(preds, gold))
@@ -151,7 +157,7 @@ def pope(answers, labels):
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return dict(acc=(tp + tn) / len(preds), precision=precision, recall=recall, f1=f1,
-                yes_ratio=sum(preds) / len(preds), tp=tp, fp=fp, tn=tn, fn=fn)
+                yes_ratio=sum(p == "yes" for p in parsed) / len(preds), tp=tp, fp=fp, tn=tn, fn=fn)
 
 
 def pope_splits(answers, questions, labels_by_split):
@@ -161,8 +167,8 @@ def pope_splits(answers, questions, labels_by_split):
     category) in file order; labels_by_split: {split: [label record, ...]} in file order
     (coco_pope_{split}.json). As in the official script, the i-th label of a split belongs
     to the i-th question of that category (the label files number their questions from 1
-    in every split, the question file does not). Returns {split: pope dict, ...,
-    "mean_f1": ...}.
+    in every split, the question file does not). A question of a split without an answer counts
+    as wrong (text None). Returns {split: pope dict, ..., "mean_f1": ...}.
     """
     category = {q["question_id"]: q["category"] for q in questions}
     by_qid = {}
@@ -179,10 +185,9 @@ def pope_splits(answers, questions, labels_by_split):
             if "text" in lab and not q.get("text", "").startswith(lab["text"]):
                 raise ValueError(f"POPE split {split!r}: question {q['question_id']} "
                                  f"{q.get('text')!r} does not match label {lab['text']!r}")
-        pairs = [(by_qid[q["question_id"]], lab["label"]) for q, lab in zip(qs, labels)
-                 if q["question_id"] in by_qid]
-        if not pairs:
+        if not any(q["question_id"] in by_qid for q in qs):
             raise ValueError(f"POPE split {split!r}: no answers for any of its {len(qs)} questions")
+        pairs = [(by_qid.get(q["question_id"]), lab["label"]) for q, lab in zip(qs, labels)]
         out[split] = pope([p[0] for p in pairs], [p[1] for p in pairs])
         out[split]["n"] = len(pairs)
     out["mean_f1"] = sum(out[s]["f1"] for s in labels_by_split) / len(labels_by_split)

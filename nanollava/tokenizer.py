@@ -10,6 +10,8 @@ Padding uses unk, as LLaVA does (eos when there is no unk), never a `<pad>` toke
 
 `encode` never adds special tokens and reads every string as text: a literal "</s>" in the data is
 not the eos token. conversation.py places bos, the template's special tokens and the image tokens.
+Text that is not valid Unicode (a lone surrogate such as "\udcff", which JSON allows) is a
+ValueError, so a data set can skip the record instead of dying on a TypeError.
 """
 import json
 import os
@@ -85,7 +87,15 @@ class Tokenizer:
 
     def encode_with_offsets(self, text):
         """(ids, [(start, end) character span of each token in text])."""
-        e = self.tok.encode(text, add_special_tokens=False)
+        try:
+            e = self.tok.encode(text, add_special_tokens=False)
+        except TypeError:                             # the Rust side says only "must be str"
+            bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None) \
+                if isinstance(text, str) else None
+            if bad is None:
+                raise
+            raise ValueError(f"text is not valid Unicode: lone surrogate {text[bad]!r} at character {bad} "
+                             f"(in {text[max(0, bad - 20):bad + 20]!r})") from None
         return e.ids, e.offsets
 
     def encode(self, text, bos=False):

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import data_prep
-from nanollava import conversation
+from nanollava import conversation, data
 from nanollava.config import LLaVAConfig, VisionConfig
 from nanollava.conversation import IGNORE_INDEX, SHORT_ANSWER
-from nanollava.data import LengthGroupedSampler, LLaVADataset, collate, truncate
+from nanollava.data import LengthGroupedSampler, LLaVADataset, collate, open_image, truncate
 from nanollava.tokenizer import Tokenizer, train_bpe
 
 N_IMG = 4                                                        # (28 // 14) ** 2 visual tokens
@@ -335,3 +335,133 @@ def test_toy_build_is_deterministic_and_loads(tmp_path, capsys):
     assert set(q) == {"question_id", "image", "text", "category"} and q["category"] in ("yesno", "open")
     assert os.path.isfile(a / "images" / q["image"])
     assert tok.unk_id not in tok.encode(q["text"]), "the toy tokenizer covers the eval questions"
+
+
+# --- faults: one bad item is a counted skip, never a dead run; outputs are never torn ---
+
+def png_header(path, width, height):
+    """A PNG that only claims a size: IHDR, no pixel data. Decoding it fails, so an error that
+    names the size proves the check ran on the header, before any pixel was allocated."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_guards_bound_pixels_and_aspect_ratio_from_the_header(folder, tok):
+    imgs = folder / "images"
+    png_header(imgs / "strip.png", 30000, 1)                 # 169 bytes that would cost GiBs in pad mode
+    png_header(imgs / "huge.png", 20000, 20000)              # over PIL's own decompression-bomb limit
+    png_header(imgs / "wide.png", 9000, 8000)                # fine as w*h, but its pad square is 81 M pixels
+    Image.new("L", (30000, 1)).save(imgs / "real_strip.png")
+    with pytest.raises(ValueError, match=r"too thin: 30000x1 \(aspect ratio 30000:1, limit 50:1\)"):
+        open_image(str(imgs / "strip.png"))
+    with pytest.raises(ValueError, match=r"too large"):
+        open_image(str(imgs / "huge.png"))
+    with pytest.raises(ValueError, match=r"too large: 9000x8000 \(9000x9000 = 81,000,000 pixels"):
+        open_image(str(imgs / "wide.png"))
+    records = [dict(id=n, image=f"{n}.png", conversations=[human("<image>\nwhat"), gpt("red")])
+               for n in ("strip", "huge", "real_strip")] + good_records()
+    ds = LLaVADataset(write_json(folder / "d.json", records), str(imgs), tok, CONFIG, "vicuna_v1")
+    with pytest.warns(UserWarning, match="skipping record"):
+        sample = ds[0]
+    assert sample["image_sizes"] == [(30, 40)] and sample["skipped"] == {"ValueError": 3}
+    assert ds.skipped == {"ValueError": 3}
+
+
+def test_memory_error_while_decoding_is_a_counted_skip(folder, tok, monkeypatch):
+    from nanollava import data
+    real = data.open_image
+
+    def out_of_memory(path):
+        if path.endswith("b.png"):
+            raise MemoryError
+        return real(path)
+    monkeypatch.setattr(data, "open_image", out_of_memory)
+    ds = LLaVADataset(write_json(folder / "d.json", good_records()), str(folder / "images"), tok, CONFIG,
+                      "vicuna_v1")
+    with pytest.warns(UserWarning, match=r"record 2 \(id two\): MemoryError"):
+        sample = ds[2]
+    assert sample["image_sizes"] == [(30, 40)] and ds.skipped == {"MemoryError": 1}
+    assert collate([ds[1], sample], tok.pad_id)["skipped"] == {"MemoryError": 1}, "collate sums the skips"
+
+
+def test_lone_surrogate_is_a_clear_error_and_a_counted_skip(folder, tok):
+    with pytest.raises(ValueError, match=r"not valid Unicode: lone surrogate '\\udcff' at character 4"):
+        tok.encode("red \udcff")
+    rec = json.loads('{"id": "s", "conversations": [{"from": "human", "value": "what \\udcff"},'
+                     ' {"from": "gpt", "value": "red"}]}')                # valid JSON, not Unicode text
+    ds = LLaVADataset(write_json(folder / "d.json", [rec] + good_records()), str(folder / "images"), tok,
+                      CONFIG, "vicuna_v1")
+    with pytest.warns(UserWarning, match="turn 0: text is not valid Unicode"):
+        sample = ds[0]
+    assert sample["skipped"] == {"ValueError": 1}
+
+
+def test_literal_special_tokens_in_data_text_stay_text(folder, tok):
+    assert not {tok.eos_id, tok.bos_id, tok.token_to_id("<pad>")} & set(tok.encode("a </s> b <s> c <pad>"))
+    rec = dict(id="x", conversations=[human("say </s> please"), gpt("a </s> b")])
+    s = LLaVADataset(write_json(folder / "d.json", [rec]), str(folder / "images"), tok, CONFIG, "vicuna_v1")[0]
+    assert s["input_ids"].tolist().count(tok.eos_id) == 1, "only the real end of the reply is </s>"
+    assert s["labels"].tolist()[-1] == tok.eos_id
+
+
+def test_too_many_bad_records_in_a_row_stop_with_one_line(folder, tok):
+    bad = [dict(id=i, image="nope.png", conversations=[human("<image>\nwhat"), gpt("red")]) for i in range(100)]
+    ds = LLaVADataset(write_json(folder / "d.json", good_records()[:1] + bad), str(folder / "images"), tok,
+                      CONFIG, "vicuna_v1")
+    with pytest.warns(UserWarning), pytest.raises(data.DataError, match=r"no usable record in 64 in a row"):
+        ds[1]
+
+
+def test_wrong_image_folder_fails_before_any_record_is_read(folder, tok):
+    (folder / "elsewhere").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"none of the first 3 images .* is in the image folder"):
+        LLaVADataset(write_json(folder / "d.json", good_records()), str(folder / "elsewhere"), tok, CONFIG)
+
+
+def test_data_prep_lone_surrogate_is_reported_and_outputs_stay_valid_json(folder, tok, capsys):
+    raw = '[{"id": "bad\\udcff", "conversations": [{"from": "human", "value": "what"}, {"from": "gpt", ' \
+          '"value": "red"}]}, {"id": "s", "conversations": [{"from": "human", "value": "x \\ud800"}, ' \
+          '{"from": "gpt", "value": "red"}]}]'
+    records = good_records()
+    (folder / "raw.json").write_text(json.dumps(records)[:-1] + ", " + raw[1:])
+    data_prep.main(["--json", str(folder / "raw.json"), "--image-folder", str(folder / "images"),
+                    "--out", str(folder / "out"), "--tokenizer", tok_path_of(tok, folder), "--workers", "1"])
+    assert "3 good (0 will be truncated), 2 broken" in capsys.readouterr().out
+    assert [r["id"] for r in json.loads((folder / "out" / "raw.json").read_text())] == ["one", "text", "two"]
+    report = (folder / "out" / "raw.report.txt").read_text()
+    assert "cannot be written as UTF-8 JSON" in report and "text is not valid Unicode" in report
+
+
+def test_data_prep_write_failure_keeps_the_previous_outputs(folder, tok):
+    """A real OS write error (the file size limit, as a full disk would): the previous X.json,
+    X.index.json and X.report.txt stay as they were and no .tmp is left."""
+    import resource
+    import signal
+    write_json(folder / "raw.json", good_records() * 20)
+    argv = ["--json", str(folder / "raw.json"), "--image-folder", str(folder / "images"), "--out",
+            str(folder / "out"), "--workers", "1"]
+    data_prep.main(argv)
+    before = {p.name: p.read_bytes() for p in (folder / "out").iterdir()}
+    write_json(folder / "raw.json", good_records() * 30)
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, old_limit[1]))
+    try:
+        with pytest.raises(SystemExit, match=r"error: cannot write .*raw.json: File too large"):
+            data_prep.main(argv)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert {p.name: p.read_bytes() for p in (folder / "out").iterdir()} == before
+
+
+def test_data_prep_deeply_nested_json_is_a_clear_error(folder):
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SystemExit, match=r"deep.json: JSON nested too deeply"):
+        data_prep.main(["--json", str(folder / "deep.json"), "--image-folder", str(folder / "images"),
+                        "--out", str(folder / "out")])

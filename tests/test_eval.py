@@ -77,10 +77,10 @@ def toy(tmp_path_factory):
     return d
 
 
-def _run(toy, answers, batch_size=3, questions=None):
+def _run(toy, answers, batch_size=3, questions=None, images=None, *extra):
     eval_script.main(["--model", str(toy / "model"), "--questions", str(questions or toy / "questions.jsonl"),
-                      "--image-folder", str(toy / "images"), "--answers", str(answers),
-                      "--batch-size", str(batch_size), "--max-new-tokens", "6"])
+                      "--image-folder", str(images or toy / "images"), "--answers", str(answers),
+                      "--batch-size", str(batch_size), "--max-new-tokens", "6", *extra])
     return _read(answers)
 
 
@@ -119,18 +119,24 @@ def test_eval_resumes_without_duplicating_answers(toy, tmp_path):
 
 
 def test_missing_or_broken_image_gives_error_record_and_run_continues(toy, tmp_path):
-    (tmp_path / "broken.png").write_bytes(b"not a png")
+    images = tmp_path / "images"
+    shutil.copytree(toy / "images", images)
+    (images / "broken.png").write_bytes(b"not a png")
     qs = _read(toy / "questions.jsonl")[:3]
     qs[1]["image"] = "does_not_exist.png"
-    qs[2]["image"] = str(tmp_path / "broken.png")  # absolute paths are allowed
+    qs[2]["image"] = "broken.png"
     qfile = tmp_path / "q.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
-    recs = _run(toy, tmp_path / "a.jsonl", questions=qfile)
+    recs = _run(toy, tmp_path / "a.jsonl", questions=qfile, images=images)
     assert [r["question_id"] for r in recs] == [0, 1, 2]
     assert "error" not in recs[0]
     assert "does_not_exist.png" in recs[1]["error"] and "broken.png" in recs[2]["error"]
     scores = eval_script.score_toy(tmp_path / "a.jsonl", toy / "gt.jsonl")
-    assert scores["errors"] == 2 and scores["n"] == 3
+    assert scores["failed"] == 2 and scores["missing"] == 0 and scores["n"] == 3
+    scores = eval_script.main(["--benchmark", "toy", "--answers", str(tmp_path / "a.jsonl"), "--questions",
+                               str(toy / "questions.jsonl"), "--annotations", str(toy / "gt.jsonl")])
+    assert scores["failed"] == 2 and scores["missing"] == 3 and scores["n"] == 6, "3 of the 6 never answered"
+    assert scores["toy_acc"] <= 100 / 6, "failed and missing answers are wrong"
 
 
 def test_answer_file_for_another_benchmark_is_rejected(toy, tmp_path):
@@ -216,13 +222,14 @@ def test_anyres_batch_with_different_tile_counts_matches_one_at_a_time(toy, tmp_
     qs = []
     for i, (w, h) in enumerate([(80, 30), (30, 80), (64, 64)]):
         src.resize((w, h)).save(tmp_path / f"{i}.png")
-        qs.append(dict(question_id=i, image=str(tmp_path / f"{i}.png"), text="what shape is it?"))
+        qs.append(dict(question_id=i, image=f"{i}.png", text="what shape is it?"))
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
     texts = {}
     for batch_size in (1, 3):
         out = tmp_path / f"answers_{batch_size}.jsonl"
         eval_script.main(["--model", str(tmp_path / "model"), "--questions", str(tmp_path / "q.jsonl"),
-                          "--answers", str(out), "--batch-size", str(batch_size), "--max-new-tokens", "5"])
+                          "--image-folder", str(tmp_path), "--answers", str(out), "--batch-size", str(batch_size),
+                          "--max-new-tokens", "5"])
         recs = _read(out)
         assert [r["question_id"] for r in recs] == [0, 1, 2] and all("error" not in r for r in recs), recs
         texts[batch_size] = [r["text"] for r in recs]
@@ -232,5 +239,171 @@ def test_anyres_batch_with_different_tile_counts_matches_one_at_a_time(toy, tmp_
 def test_sample_missing_image_is_a_clear_error(toy):
     sample_script = _load_script("sample")
     with pytest.raises(SystemExit) as exit_info:
-        sample_script.cli(["--model", str(toy / "model"), "--image", str(toy / "nope.png"), "--prompt", "hi"])
+        sample_script.cli(["--model", str(toy / "model"), "--image", str(toy / "nope.png"), "--prompt", "hi",
+                           "--max-new-tokens", "5"])
     assert "nope.png" in str(exit_info.value.code) and "does not exist" in str(exit_info.value.code)
+
+
+# --- faults: one question never stops a run; failed and missing answers count as wrong ---
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_image_paths_outside_the_image_folder_are_refused(toy, tmp_path):
+    qs = _read(toy / "questions.jsonl")[:3]
+    qs[1]["image"] = str(toy / "images" / qs[0]["image"])               # absolute, though it exists
+    qs[2]["image"] = "../images/" + qs[0]["image"]                       # ../ out of the folder
+    recs = _run(toy, tmp_path / "a.jsonl", questions=_write(tmp_path / "q.jsonl", qs),
+                images=tmp_path / "empty_but_named")
+    assert "escapes the image folder" in recs[1]["error"] and "escapes the image folder" in recs[2]["error"]
+
+
+def test_failing_questions_get_error_records_and_are_not_retried_forever(toy, tmp_path, capsys):
+    """A 20000x20000 image, "<image>" in the text, a lone surrogate, an over-long prompt: each is
+    an error record; the others are answered; a rerun keeps the errors unless --retry-errors."""
+    from test_data import png_header
+    images = tmp_path / "images"
+    shutil.copytree(toy / "images", images)
+    png_header(images / "bomb.png", 20000, 20000)
+    qs = _read(toy / "questions.jsonl")[:5]
+    qs[0]["image"] = "bomb.png"
+    qs[1]["text"] = "what is in <image> this?"
+    qs[2]["text"] = "what \udcff"
+    qs[3]["text"] = "what shape is it " * 300                            # context: 256 positions
+    qfile = _write(tmp_path / "q.jsonl", qs)
+    recs = _run(toy, tmp_path / "a.jsonl", 3, qfile, images)
+    assert [r["question_id"] for r in recs] == [q["question_id"] for q in qs]
+    assert "image too large" in recs[0]["error"] and "'<image>'" in recs[1]["error"]
+    assert "not valid Unicode" in recs[2]["error"] and "exceeds the model's context of 256" in recs[3]["error"]
+    assert "error" not in recs[4] and recs[4]["text"]
+    assert "answered 1, 4 failed" in capsys.readouterr().out
+    again = _run(toy, tmp_path / "a.jsonl", 3, qfile, images)
+    assert again == recs, "a rerun does not ask failed questions again"
+    with pytest.warns(UserWarning, match="prompt truncated"):
+        retried = _run(toy, tmp_path / "a.jsonl", 3, qfile, images, "--retry-errors", "--truncate-prompts")
+    assert len(retried) == 5 and "error" not in retried[-1], "the long question fits once truncated"
+
+
+def test_resuming_with_another_model_or_settings_is_an_error(toy, tmp_path):
+    from safetensors.torch import load_file, save_file
+    answers = tmp_path / "a.jsonl"
+    _run(toy, answers)
+    with pytest.raises(ValueError, match=r"was made with .*'max_new_tokens': 6.*pass another --answers"):
+        _run(toy, answers, 3, None, None, "--max-new-tokens", "7")
+    other = tmp_path / "other_model"
+    shutil.copytree(toy / "model", other)
+    weights = load_file(other / "model.safetensors")
+    key = next(iter(weights))
+    save_file(dict(weights, **{key: weights[key] + 1}), other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"was made with .*model_sha256"):
+        eval_script.main(["--model", str(other), "--questions", str(toy / "questions.jsonl"), "--image-folder",
+                          str(toy / "images"), "--answers", str(answers), "--max-new-tokens", "6"])
+    # the same ids, other questions (another benchmark): refused on resume and when scored
+    qs = [dict(q, text="Is there a dog in the image?") for q in _read(toy / "questions.jsonl")]
+    with pytest.raises(ValueError, match="another benchmark"):
+        _run(toy, answers, 3, _write(tmp_path / "q.jsonl", qs))
+    with pytest.raises(ValueError, match="another benchmark"):
+        eval_script.main(["--benchmark", "toy", "--answers", str(answers), "--questions", str(tmp_path / "q.jsonl"),
+                          "--annotations", str(toy / "gt.jsonl")])
+
+
+def test_answer_files_with_duplicate_ids_or_non_object_lines_are_refused(toy, tmp_path):
+    recs = [dict(question_id=q, prompt="", text="yes", answer_id="x", model_id="m", metadata={}) for q in (0, 1, 0)]
+    dup = _write(tmp_path / "dup.jsonl", recs)
+    with pytest.raises(SystemExit, match=r"question_id 0 appears twice \(records 1 and 3\)"):
+        eval_script.cli(["--benchmark", "toy", "--answers", str(dup), "--annotations", str(toy / "gt.jsonl")])
+    (tmp_path / "list.jsonl").write_text(json.dumps(recs[0]) + "\n[1, 2]\n")
+    with pytest.raises(SystemExit, match=r"list.jsonl, line 2: expected a JSON object, got list"):
+        eval_script.cli(["--benchmark", "toy", "--answers", str(tmp_path / "list.jsonl"),
+                         "--annotations", str(toy / "gt.jsonl")])
+
+
+def test_pope_with_every_answer_failed_scores_zero_and_says_so(tmp_path, capsys):
+    splits = {"random": ["yes", "no", "yes"], "popular": ["no", "yes", "no"]}
+    qs, qid = [], 0
+    for split, labels in splits.items():
+        _write(tmp_path / f"coco_pope_{split}.json",
+               [dict(question_id=i + 1, text=f"Is there a cat {i}?", label=lab) for i, lab in enumerate(labels)])
+        for i in range(len(labels)):
+            qs.append(dict(question_id=qid, image="x.jpg", text=f"Is there a cat {i}?", category=split))
+            qid += 1
+    _write(tmp_path / "q.jsonl", qs)
+    answers = [dict(question_id=q["question_id"], prompt=q["text"], text="", answer_id="x", model_id="m",
+                    metadata={}, error="image too large") for q in qs[:-1]]          # the last one: missing
+    _write(tmp_path / "a.jsonl", answers)
+    scores = eval_script.main(["--benchmark", "pope", "--answers", str(tmp_path / "a.jsonl"), "--questions",
+                               str(tmp_path / "q.jsonl"), "--annotations", str(tmp_path)])
+    assert scores["pope"] == 0.0 and scores["failed"] == 5 and scores["missing"] == 1 and scores["n"] == 6
+    assert "(6 questions: 5 failed, 1 without an answer; both scored as wrong)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "argument --temperature: -1 is not a number >= 0"),
+    (["--max-new-tokens", "-5"], "argument --max-new-tokens: -5 is not a positive integer"),
+    (["--max-new-tokens", "1e9"], "argument --max-new-tokens: '1e9' is not a positive integer"),
+    (["--max-new-tokens", "1000000000"], "--max-new-tokens 1000000000 leaves no room for a prompt in the "
+                                         "model's context of 256 positions"),
+    (["--top-p", "0"], "argument --top-p: 0 is not a number in (0, 1]"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["--device", "cuda"], "argument --device: cuda: torch sees no GPU on this machine"),
+    (["--image", "huge.png"], "image too large"),
+    (["--prompt", "what \udcff"], "not valid Unicode"),
+    (["--prompt", "what <image> is it"], "'<image>' in the question"),
+    (["--prompt", "what shape " * 300], "exceeds the model's context of 256 positions"),
+])
+def test_sample_bad_arguments_are_one_line(toy, tmp_path, monkeypatch, capsys, flags, message):
+    if flags[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from test_data import png_header
+    png_header(tmp_path / "huge.png", 20000, 20000)
+    monkeypatch.chdir(tmp_path)
+    sample_script = _load_script("sample")
+    with pytest.raises(SystemExit) as e:
+        sample_script.cli(["--model", str(toy / "model"), "--prompt", "hi", "--max-new-tokens", "5", *flags])
+    said = str(e.value.code) if e.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in said and "Traceback" not in said, said
+
+
+def test_sample_truncates_an_over_long_prompt_when_asked(toy, capsys):
+    sample_script = _load_script("sample")
+    with pytest.warns(UserWarning, match="prompt truncated"):
+        sample_script.main(["--model", str(toy / "model"), "--prompt", "what shape " * 300, "--max-new-tokens", "5",
+                            "--truncate-prompts"])
+    assert capsys.readouterr().out.strip()
+
+
+def test_a_generation_error_fails_its_question_not_its_batch(toy, tmp_path, monkeypatch):
+    """Every batch runs out of memory; alone, each question is fine except the second."""
+    real, singles = eval_script.generate_texts, []
+
+    def flaky(model, tok, items, *args):
+        if len(items) > 1:
+            raise RuntimeError("CUDA out of memory")
+        singles.append(1)
+        if len(singles) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(model, tok, items, *args)
+    first = _run(toy, tmp_path / "ok.jsonl")
+    monkeypatch.setattr(eval_script, "generate_texts", flaky)
+    recs = _run(toy, tmp_path / "a.jsonl")
+    assert recs[1]["error"] == "generation failed: RuntimeError: CUDA out of memory"
+    assert [r["text"] for i, r in enumerate(recs) if i != 1] == [r["text"] for i, r in enumerate(first) if i != 1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["--device", "cuda"], "argument --device: cuda: torch sees no GPU on this machine"),
+    (["--max-new-tokens", "100000"], "--max-new-tokens 100000 leaves no room for a prompt in the model's "
+                                     "context of 256 positions"),
+])
+def test_eval_bad_arguments_are_one_line(toy, tmp_path, capsys, flags, message):
+    if flags[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as e:
+        eval_script.cli(["--model", str(toy / "model"), "--questions", str(toy / "questions.jsonl"),
+                         "--answers", str(tmp_path / "a.jsonl"), *flags])
+    said = str(e.value.code) if e.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in said, said

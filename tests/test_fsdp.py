@@ -180,7 +180,7 @@ def _check_against_reference(world, ref, device="cpu"):
             _worker(0, 1, None, out_dir, device)
         else:
             mp.spawn(_worker, args=(world, free_port(), out_dir, device), nprocs=world)
-        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
     total_trainable = sum(v.numel() for k, v in ref_state.items() if not k.startswith("blocks.0."))
     embed_numel = VOCAB * DIM + DIM * VOCAB + VOCAB                  # the root unit's flat
     assert all(n % 2 and n % 3 for n in (embed_numel, 689)), "flat sizes must not divide evenly"

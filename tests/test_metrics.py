@@ -150,3 +150,13 @@ def test_bad_input_gives_clear_errors():
 def test_exact_match_uses_vqa_normalisation():
     assert metrics.exact_match("A Circle.", "circle") == 1.0
     assert metrics.exact_match("circles", "circle") == 0.0
+
+
+def test_failed_or_empty_answers_are_wrong_not_yes():
+    assert metrics.parse_pope_answer("") is None and metrics.parse_pope_answer("  ") is None
+    labels = ["yes", "no", "yes", "no"]
+    failed = metrics.pope([None] * 4, labels)                      # every question failed
+    assert failed["f1"] == 0.0 and failed["acc"] == 0.0 and failed["yes_ratio"] == 0.0
+    assert metrics.pope([""] * 4, labels)["f1"] == 0.0, "the official rule would make this F1 66.67"
+    mixed = metrics.pope(["Yes", None, "No", "no"], labels)       # 2 right, 1 failed, 1 wrong
+    assert mixed["acc"] == 0.5 and (mixed["tp"], mixed["fp"], mixed["fn"], mixed["tn"]) == (1, 1, 1, 1)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_stage1_trains_only_the_projector_and_saves_it_alone(parts, stage1):
     names = [n for f in layout["flats"] for n in f["names"]]
     assert names and all(n.startswith("multi_modal_projector.") for n in names), names
     assert sorted(os.listdir(stage1)) == ["ckpt", "loss.png", "metrics.jsonl", "mm_projector.bin",
-                                          "mm_projector.safetensors"]
+                                          "mm_projector.safetensors", "train.lock"]
     original = torch.load(stage1 / "mm_projector.bin", weights_only=True)
     assert sorted(original) == [f"model.mm_projector.{i}.{k}" for i in (0, 2) for k in ("bias", "weight")]
     ours, theirs = load_projector(str(stage1 / "mm_projector.safetensors")), load_projector(str(stage1 / "mm_projector.bin"))
@@ -119,20 +120,20 @@ def test_resume_after_an_interrupted_checkpoint_is_bit_for_bit(parts, stage1, mo
     train.main(args_for(parts, 2, straight, *common))
 
     crashed = parts["root"] / "crashed"
-    real_save, calls = train._atomic_save, []
+    real_save, calls = train.save_file, []
 
-    def dying_save(obj, path):                 # the second checkpoint (step 3) dies mid-write
+    def dying_save(tensors, path, metadata):   # the second checkpoint (step 3) dies mid-write
         calls.append(path)
         if len(calls) == 2:
-            with open(path + ".tmp", "wb") as f:
+            with open(path, "wb") as f:
                 f.write(b"half a checkpoint")
-            raise RuntimeError("killed while writing")
-        real_save(obj, path)
+            raise KeyboardInterrupt            # not an error nanollava handles: the process dies here
+        real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(train, "_atomic_save", dying_save)
-    with pytest.raises(RuntimeError, match="killed while writing"):
+    monkeypatch.setattr(train, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
         train.main(args_for(parts, 2, crashed, *common))
-    monkeypatch.setattr(train, "_atomic_save", real_save)
+    monkeypatch.setattr(train, "save_file", real_save)
     assert open(crashed / "ckpt" / "latest").read() == "step_0000002", "the previous checkpoint must stay current"
 
     train.main(args_for(parts, 2, crashed, *common, "--resume"))
@@ -215,3 +216,275 @@ def test_step_time_waits_for_the_gpu_before_reading_the_clock(monkeypatch):
     t0 = time.time()
     assert train.elapsed(t0, torch.device("cuda", 0)) >= 0.05 and calls == [torch.device("cuda", 0)]
     assert train.elapsed(time.time(), torch.device("cpu")) < 0.05 and len(calls) == 1
+
+
+# ---- faults: nothing lost, nothing run, nothing miscounted ------------------------------------
+
+def ckpt_steps(out):
+    return sorted(d for d in os.listdir(out / "ckpt") if d.startswith("step_"))
+
+
+def test_checkpoints_are_safetensors_and_keep_last_keeps_the_newest(parts, stage1, tmp_path):
+    out = tmp_path / "keep"
+    train.main(args_for(parts, 2, out, "--stage1-out", str(stage1), "--max-steps", "3", "--save-every", "1"))
+    assert ckpt_steps(out) == ["step_0000002", "step_0000003"], "--keep-last 2 by default"
+    files = {f for d in ckpt_steps(out) for f in os.listdir(out / "ckpt" / d)}
+    assert files == {"meta.json", "rank0.safetensors"}, "training state holds no pickle"
+    assert not [f for f in os.listdir(out / "ckpt") if f.endswith((".tmp", ".partial"))]
+
+
+def plant_pickle(path, marker):
+    """A file whose unpickling runs `touch marker`."""
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save({"model": Payload()}, path)
+
+
+def test_resume_never_unpickles_a_planted_checkpoint(parts, stage1, tmp_path):
+    out, marker = tmp_path / "planted", tmp_path / "PAYLOAD_RAN"
+    common = ("--stage1-out", str(stage1), "--max-steps", "1")
+    train.main(args_for(parts, 2, out, *common))
+    latest = out / "ckpt" / "step_0000001"
+    # an old-style rank0.pt in place of the safetensors file: refused, unread
+    (latest / "rank0.safetensors").rename(tmp_path / "good.safetensors")
+    plant_pickle(latest / "rank0.pt", marker)
+    with pytest.raises(train.BadInput, match=r"rank0.pt is a pickle file, which nanollava never loads"):
+        train.main(args_for(parts, 2, out, *common, "--resume", "--max-steps", "2"))
+    # the payload under the expected name: not a safetensors file, refused
+    os.replace(latest / "rank0.pt", latest / "rank0.safetensors")
+    with pytest.raises(train.BadInput, match=r"rank0.safetensors is damaged or not a nanollava checkpoint"):
+        train.main(args_for(parts, 2, out, *common, "--resume", "--max-steps", "2"))
+    assert not marker.exists(), "the planted payload ran"
+    # tampered tensors (a shard cut short) in an otherwise valid file: refused with the file named
+    from safetensors.torch import load_file as load_st, save_file
+    good = load_st(tmp_path / "good.safetensors")
+    meta = __import__("safetensors").safe_open(str(tmp_path / "good.safetensors"), "pt").metadata()
+    key = next(k for k in good if k.startswith("model."))
+    save_file(dict(good, **{key: good[key][:-1].clone()}), latest / "rank0.safetensors", metadata=meta)
+    with pytest.raises(train.BadInput, match=r"rank0.safetensors does not fit this run"):
+        train.main(args_for(parts, 2, out, *common, "--resume", "--max-steps", "2"))
+
+
+def test_damaged_latest_checkpoint_falls_back_or_names_the_file(parts, stage1, tmp_path, capsys):
+    out = tmp_path / "damaged"
+    common = ("--stage1-out", str(stage1), "--save-every", "1")
+    train.main(args_for(parts, 2, out, *common, "--max-steps", "2"))     # --keep-last 2: steps 1 and 2
+    rank0 = out / "ckpt" / "step_0000002" / "rank0.safetensors"
+    rank0.write_bytes(rank0.read_bytes()[:1000])                          # truncated
+    train.main(args_for(parts, 2, out, *common, "--max-steps", "3", "--resume"))
+    err = capsys.readouterr().err
+    assert f"{rank0} is damaged" in err and "falling back to" in err and "step_0000001" in err
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [1, 2, 3], "step 2 redone once"
+    # a bad meta.json and nothing older to fall back on: one message naming the file
+    only = tmp_path / "only"
+    train.main(args_for(parts, 2, only, *common, "--max-steps", "1"))
+    meta = only / "ckpt" / "step_0000001" / "meta.json"
+    meta.write_text('{"step": 1, "data": ')
+    with pytest.raises(train.BadInput, match=rf"{meta}: not a valid JSON file .*no older complete checkpoint"):
+        train.main(args_for(parts, 2, only, *common, "--max-steps", "2", "--resume"))
+
+
+def test_full_disk_during_a_checkpoint_is_a_clear_error_and_leaves_no_tmp(parts, stage1, tmp_path, monkeypatch):
+    out = tmp_path / "full"
+    common = ("--stage1-out", str(stage1), "--save-every", "1", "--max-steps", "2")
+    real_save = train.save_file
+
+    def full_disk(tensors, path, metadata):       # what safetensors raises when the disk fills up
+        if "step_0000002" in str(path):
+            with open(path, "wb") as f:
+                f.write(b"\0" * 4096)
+            from safetensors import SafetensorError
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(train, "save_file", full_disk)
+    with pytest.raises(train.files.WriteError, match=r"cannot write .*step_0000002.partial/rank0.safetensors: "
+                                                     r".*No space left on device"):
+        train.main(args_for(parts, 2, out, *common))
+    monkeypatch.undo()
+    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
+    assert leftovers == []
+    assert open(out / "ckpt" / "latest").read() == "step_0000001"
+    train.main(args_for(parts, 2, out, *common, "--resume"))             # step 1 intact: resumes
+    assert open(out / "ckpt" / "latest").read() == "step_0000002"
+
+
+def test_torn_metrics_line_is_dropped_on_resume(parts, stage1, tmp_path):
+    out = tmp_path / "torn"
+    common = ("--stage1-out", str(stage1), "--save-every", "1")
+    train.main(args_for(parts, 2, out, *common, "--max-steps", "2"))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')                                # the disk filled up mid-line
+    train.main(args_for(parts, 2, out, *common, "--max-steps", "3", "--resume"))
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_second_run_on_the_same_out_is_refused(parts, stage1, tmp_path):
+    out = tmp_path / "busy"
+    with train.files.locked(str(out)):                                   # a run in progress
+        with pytest.raises(train.files.Busy, match=rf"{out} is in use by another run \(pid {os.getpid()}"):
+            train.main(args_for(parts, 2, out, "--stage1-out", str(stage1), "--max-steps", "1"))
+    assert not os.path.exists(out / "metrics.jsonl"), "the refused run wrote nothing"
+    train.main(args_for(parts, 2, out, "--stage1-out", str(stage1), "--max-steps", "1"))   # free again
+
+
+def write_records(path, records):
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_unusable_records_are_skipped_counted_and_logged(parts, stage1, tmp_path):
+    """A lone surrogate in the text, a 30000x1 image: skipped with a warning, counted in metrics
+    (with and without DataLoader workers); a literal "</s>" in the text stays text."""
+    from PIL import Image
+    records = json.load(open(os.path.join(parts["data"], "stage2.json")))
+    images = os.path.join(parts["data"], "images")
+    Image.new("L", (30000, 1)).save(os.path.join(images, "thin.png"))
+    bad = [dict(records[0], id="surrogate", conversations=[dict(records[0]["conversations"][0]),
+                                                           {"from": "gpt", "value": "red \udcff"}]),
+           dict(records[1], id="thin", image="thin.png"),
+           dict(records[2], id="eos", conversations=[dict(records[2]["conversations"][0]),
+                                                     {"from": "gpt", "value": "a </s> b <s> <pad>"}])]
+    data = write_records(tmp_path / "bad.json", bad + records)
+    for workers in ("0", "1"):                   # a worker's warnings stay in the worker; its counts do not
+        out = tmp_path / f"skips{workers}"
+        with pytest.warns(UserWarning, match="skipping record") if workers == "0" else nullcontext():
+            train.main(args_for(parts, 2, out, "--stage1-out", str(stage1), "--data", data, "--max-steps", "3",
+                                "--num-workers", workers, "--no-group-by-length"))
+        last = [json.loads(l) for l in open(out / "metrics.jsonl")][-1]
+        assert last["skipped"] >= 1 and set(last["skipped_by_kind"]) <= {"ValueError"}, last
+
+
+def test_wrong_image_folder_and_deep_json_are_one_line_errors(parts, stage1, tmp_path):
+    wrong = tmp_path / "empty_folder"
+    wrong.mkdir()
+    with pytest.raises(train.BadInput, match=r"none of the first \d+ images .* is in the image folder .*"
+                                             r"is --image-folder right\?"):
+        train.main(args_for(parts, 1, tmp_path / "a") + ["--image-folder", str(wrong), "--max-steps", "1"])
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(train.BadInput, match=r"deep.json: JSON nested too deeply"):
+        train.main(args_for(parts, 1, tmp_path / "b") + ["--data", str(deep), "--max-steps", "1"])
+    # the folder is right, but nearly every image is gone: a DataLoader worker gives up, in one line
+    good = json.load(open(os.path.join(parts["data"], "stage1.json")))[0]
+    gone = write_records(tmp_path / "gone.json", [good] + [dict(good, image="gone.png")] * 400)
+    with pytest.raises(train.BadInput, match=r"^\S*gone.json: no usable record in 64 in a row .*gone.png\); "
+                                             r"data_prep.py lists every bad record$"):
+        train.main(args_for(parts, 1, tmp_path / "c") + ["--data", gone, "--num-workers", "1", "--max-steps", "1"])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--micro-batch", "0", "0 is not a positive integer"),
+    ("--keep-last", "0", "0 is not a positive integer"),
+    ("--lr", "-1", "-1 is not a positive number"),
+    ("--warmup-ratio", "1.5", "1.5 is not a number in"),
+    ("--dist-timeout", "nan", "nan is not a positive number"),
+    ("--num-workers", "many", "'many' is not an integer >= 0"),
+])
+def test_bad_numbers_are_one_argparse_line(parts, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(args_for(parts, 1, tmp_path / "x") + [flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def wait_for(condition, timeout=120, what="condition"):
+    import time
+    end = time.time() + timeout
+    while not condition():
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def steps_logged(out):
+    try:
+        return sum(1 for line in open(out / "metrics.jsonl") if line.endswith("\n"))
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.parametrize("sig, workers", [("SIGINT", "1"), ("SIGTERM", "0")])
+def test_signal_checkpoints_and_resume_is_bit_for_bit(parts, stage1, sig, workers):
+    """A real Ctrl-C (to the whole process group, DataLoader worker included) or SIGTERM with the
+    default --save-every 0: the step finishes, a checkpoint is written, the exit is non-zero with
+    one line that says how to resume, and the resumed run equals an uninterrupted one."""
+    import signal
+    common = ("--stage1-out", str(stage1), "--epochs", "100", "--num-workers", workers)
+    out = parts["root"] / f"signal_{sig}"
+    proc = subprocess.Popen([sys.executable, "train.py", *args_for(parts, 2, out, *common)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: steps_logged(out) >= 1 or proc.poll() is not None, what="the first step")
+    os.killpg(proc.pid, getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, sig), err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by {sig} at step ") and "rerun the same command with --resume" in last, last
+    k = int(open(out / "ckpt" / "latest").read().removeprefix("step_"))
+    assert steps_logged(out) == k and f"step_{k:07d}" in last
+
+    train.main(args_for(parts, 2, out, *common, "--resume", "--max-steps", str(k + 1)))
+    straight = parts["root"] / f"straight_{sig}"
+    train.main(args_for(parts, 2, straight, *common, "--max-steps", str(k + 1)))
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"interrupted + resumed differs from uninterrupted at {key}"
+
+
+def torchrun(parts, out, log, *flags):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", *args_for(parts, 2, out, *flags)], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def children(pid):
+    """{pid: RANK} of the processes whose parent is `pid` (the torchrun workers)."""
+    out = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{p}/stat").read()
+            env = open(f"/proc/{p}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out[int(p)] = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+    return out
+
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_checkpoint_and_exit_when_the_launcher_dies(parts, stage1, tmp_path):
+    out = tmp_path / "orphans"
+    with open(tmp_path / "log", "w") as log:
+        launcher = torchrun(parts, out, log, "--stage1-out", str(stage1), "--epochs", "100", "--micro-batch", "1")
+        wait_for(lambda: steps_logged(out) >= 1 or launcher.poll() is not None, what="the first step")
+        ranks = children(launcher.pid)
+        assert sorted(ranks.values()) == [0, 1], ranks
+        launcher.kill()                                                   # kill -9: no chance to clean up
+        launcher.wait()
+        wait_for(lambda: not any(alive(p) for p in ranks), timeout=60, what="the orphaned workers to exit")
+    assert os.path.isfile(out / "ckpt" / "latest"), open(tmp_path / "log").read()[-3000:]
+
+
+def test_a_stopped_rank_fails_the_run_after_dist_timeout(parts, stage1, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "stuck"
+    with open(tmp_path / "log", "w") as log:
+        launcher = torchrun(parts, out, log, "--stage1-out", str(stage1), "--epochs", "100", "--micro-batch", "1",
+                            "--dist-timeout", "3")
+        wait_for(lambda: steps_logged(out) >= 1 or launcher.poll() is not None, what="the first step")
+        ranks = {r: p for p, r in children(launcher.pid).items()}
+        os.kill(ranks[1], signal.SIGSTOP)                                 # rank 1 hangs
+        t0 = time.time()
+        wait_for(lambda: not alive(ranks[0]), timeout=90, what="rank 0 to give up")
+        waited = time.time() - t0
+        os.kill(ranks[1], signal.SIGKILL)
+        launcher.wait(timeout=120)
+    text = open(tmp_path / "log").read()
+    assert launcher.returncode != 0 and waited < 30, (waited, text[-3000:])
+    assert "Timed out" in text or "timed out" in text, text[-3000:]
