@@ -1,5 +1,5 @@
 """
-Evaluate a LLaVA model the way LLaVA-1.5 does (REFERENCE §6): greedy decoding, the
+Evaluate a LLaVA model the way LLaVA-1.5 does (docs/llava.md §6): greedy decoding, the
 checkpoint's conversation template and image mode, LLaVA's answer-file schema.
 
 Two modes:
@@ -164,9 +164,10 @@ def model_fingerprint(model_dir, tokenizer_path):
 # generation
 
 def fit_prompt(messages, tok, template, num_image_tokens, context, max_new_tokens, truncate=False):
-    """Prompt ids of `messages` that leave max_new_tokens of room in the model's context (its
-    max_position_embeddings). An over-long prompt is a ValueError, or with truncate=True loses the
-    start of the last user turn's text (after its "<image>\n"), with a warning."""
+    """Prompt ids of `messages` that leave max_new_tokens of room in the model's context
+    (TextConfig.context_length: max_position_embeddings, capped by a sliding window). An over-long
+    prompt is a ValueError, or with truncate=True loses the start of the last user turn's text
+    (after its "<image>\n"), with a warning."""
     from nanollava import conversation
 
     def build(msgs):
@@ -213,7 +214,7 @@ def build_prompt(q, image_folder, tok, config, template, max_new_tokens, truncat
             pixels, size = process_image(im, config)   # process() converts to RGB (alpha on white, as HF)
         n_img = image_lib.num_image_tokens(size, mode=config.image_aspect_ratio, config=config)
     messages = [{"from": "human", "value": ("<image>\n" if pixels is not None else "") + q["text"]}]
-    ids = fit_prompt(messages, tok, template, n_img, config.text.max_position_embeddings, max_new_tokens,
+    ids = fit_prompt(messages, tok, template, n_img, config.text.context_length, max_new_tokens,
                      truncate)
     return ids, pixels, size
 
@@ -541,7 +542,7 @@ def main(argv=None):
                              f"its tokenizer files); pass --template")
         print(f"template: {model.config.template}" + (" (--template)" if args.template else " (from the checkpoint)"))
         tok = Tokenizer.from_file(str(tok_path), image_token_id=model.config.image_token_id)
-        context = model.config.text.max_position_embeddings
+        context = model.config.text.context_length
         if args.max_new_tokens >= context:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
                              f"model's context of {context} positions")

@@ -64,7 +64,7 @@ def reply(model, tok, messages, image, args, out=sys.stdout):
     question = messages[-1]["value"]
     if "<image>" in (question.removeprefix("<image>\n") if image is not None and len(messages) == 1 else question):
         raise ValueError("'<image>' in the question: sample.py puts the --image in the prompt itself")
-    ids = fit_prompt(messages, tok, model.config.template, n_img, model.config.text.max_position_embeddings,
+    ids = fit_prompt(messages, tok, model.config.template, n_img, model.config.text.context_length,
                      args.max_new_tokens, args.truncate_prompts)
     input_ids = torch.tensor([ids], dtype=torch.long, device=args.device)
     if pixel_values is not None:
@@ -121,7 +121,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     model, tok = load(args.model, args.tokenizer, args.device, args.dtype, args.template)
-    context = model.config.text.max_position_embeddings
+    context = model.config.text.context_length
     if args.max_new_tokens >= context:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {context} positions")

@@ -52,7 +52,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from nanollava import files, toy
-from nanollava.checkpoint import load_from_parts, save_projector
+from nanollava.checkpoint import VISION_TOWER_DEFAULTS, load_from_parts, save_projector
+from nanollava.conversation import TEMPLATES
 from nanollava.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from nanollava.data import DataError, LLaVADataset, LengthGroupedSampler, collate, load_json_object
 from nanollava.fsdp import FSDP
@@ -60,8 +61,8 @@ from nanollava.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------
 # defaults: the toy (data_prep.py + pretrain_toy.py outputs); LLaVA-1.5 recipe per stage
-STAGES = {
-    1: dict(template="plain", image_mode="crop", lr=1e-3, global_batch=256, data="stage1.json", group_by_length=False),
+STAGES = {   # image_mode None: the vision tower's own processor (CLIP: crop, SigLIP: squash)
+    1: dict(template="plain", image_mode=None, lr=1e-3, global_batch=256, data="stage1.json", group_by_length=False),
     2: dict(template="vicuna_v1", image_mode="pad", lr=2e-5, global_batch=128, data="stage2.json", group_by_length=True),
 }
 vision_tower = toy.CLIP_DIR
@@ -119,9 +120,16 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=positive_int, default=log_every, help="print a step line every N steps")
     p.add_argument("--dist-timeout", type=positive_float, default=dist_timeout,
                    help="seconds a rank waits for the others in a collective before the run fails")
+    p.add_argument("--template", choices=[t for t in TEMPLATES if t != "plain"], default=None,
+                   help="stage 2 conversation template (default vicuna_v1; e.g. mistral_instruct, qwen_1_5 "
+                        "for the LLM's own chat format); stage 1 is always plain")
+    p.add_argument("--image-mode", choices=("crop", "pad", "squash", "anyres"), default=None,
+                   help="image preprocessing (default: stage 1 the tower's own, crop for CLIP and squash for "
+                        "SigLIP; stage 2 pad, LLaVA-1.5's)")
     args = p.parse_args(argv)
     stage = STAGES[args.stage]
-    args.template, args.image_mode = stage["template"], stage["image_mode"]
+    args.template = "plain" if args.stage == 1 else args.template or stage["template"]
+    args.image_mode = args.image_mode or stage["image_mode"]
     args.group_by_length = stage["group_by_length"] and not args.no_group_by_length
     args.lr = stage["lr"] if args.lr is None else args.lr
     args.global_batch = args.global_batch or stage["global_batch"]
@@ -196,7 +204,7 @@ def run_config(args, world):
     """What a checkpoint must agree with to be resumed."""
     keys = ("stage", "vision_tower", "llm", "data", "global_batch", "micro_batch", "max_length", "lr",
             "train_vision_tower", "vision_lr", "seed", "schedule_steps", "epochs", "warmup_ratio",
-            "group_by_length")
+            "group_by_length", "template", "image_mode")
     return dict({k: getattr(args, k) for k in keys}, world=world)
 
 
@@ -569,8 +577,10 @@ def run(args):
 
     tok = Tokenizer.from_file(find_tokenizer(args))
     projector = stage1_projector(args.stage1_out) if args.stage == 2 else None
+    # the exported model's template and image mode are stage 2's (stage 1 saves the projector alone)
     model = load_from_parts(args.vision_tower, args.llm, projector=projector, device=device,
-                                  image_token_id=tok.image_token_id, template="vicuna_v1")
+                            image_token_id=tok.image_token_id, template=STAGES[2]["template"] if args.stage == 1
+                            else args.template, image_aspect_ratio="pad" if args.stage == 1 else args.image_mode)
     # freezing: stage 1 = projector only; stage 2 = projector + LLM (+ tower if asked)
     for name, p in model.named_parameters():
         group = param_group(name)
@@ -588,8 +598,9 @@ def run(args):
     optimizer = fsdp.optimizer(lrs, betas=betas, weight_decay=weight_decay, eps=1e-8)
 
     try:                                                 # a malformed data file: a clear error too
+        mode = args.image_mode or VISION_TOWER_DEFAULTS[model.config.vision.model_type]["processor_mode"]
         dataset = LLaVADataset(args.data, args.image_folder, tok, model.config, template=args.template,
-                               max_length=args.max_length, mode=args.image_mode)
+                               max_length=args.max_length, mode=mode)
         sampler = LengthGroupedSampler(dataset.lengths, args.micro_batch, world, rank, seed=args.seed,
                                        group_by_length=args.group_by_length)
         steps_per_epoch = len(sampler) // args.micro_batch // accum

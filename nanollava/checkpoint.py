@@ -71,16 +71,18 @@ UNUSED_PREFIXES = ("vision_tower.vision_model.head.",)
 # The original code's model_type -> the HF model_type of its LLM.
 ORIGINAL_TEXT_MODEL = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
 
-# Per vision tower: transformers' class defaults for absent config keys, and its image processor's
-# normalisation and image mode (what a checkpoint without nanollava's keys is preprocessed with).
+# Per vision tower: transformers' class defaults for absent config keys; its image processor's
+# normalisation and image mode (processor_mode: the original code's "square", stage 1's); and the
+# image mode a llava-hf checkpoint without nanollava's keys is run with (CLIP: LLaVA-1.5's pad).
 VISION_TOWER_DEFAULTS = {
     "clip_vision_model": dict(config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                           num_attention_heads=12, image_size=224, patch_size=32),
-                              image_mean=CLIP_MEAN, image_std=CLIP_STD, image_mode="pad"),
+                              image_mean=CLIP_MEAN, image_std=CLIP_STD, processor_mode="crop", image_mode="pad"),
     "siglip_vision_model": dict(config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                             num_attention_heads=12, image_size=224, patch_size=16,
                                             hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
-                                image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), image_mode="squash"),
+                                image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), processor_mode="squash",
+                                image_mode="squash"),
 }
 # Towers an original LLaVA config names by Hub id (mm_vision_tower) and carries the weights of, when no
 # local copy of the tower's own config is given: the shapes of those weights.
@@ -348,7 +350,7 @@ def read_original_config(d, vision_dict, where):
         # the original splices one -200 placeholder per image; nanollava expands HF-style ids past the vocab
         image_token_id=d.get("image_token_index", d.get("image_token_id", text.vocab_size)),
         # "square": the tower's own processor (CLIP crops, SigLIP squashes)
-        image_aspect_ratio="anyres" if m else tower["image_mode"] if aspect == "square" else aspect,
+        image_aspect_ratio="anyres" if m else tower["processor_mode"] if aspect == "square" else aspect,
         image_mean=tower["image_mean"], image_std=tower["image_std"],
         image_grid_pinpoints=(parse_pinpoints(d.get("image_grid_pinpoints") or anyres.DEFAULT_PINPOINTS,
                                               vision.image_size, where, original=True) if m else None),
@@ -585,9 +587,11 @@ def load_from_parts(clip_dir, llm_dir, projector=None, dtype=torch.float32, devi
             raise FileNotFoundError(f"{d}: not a checkpoint directory (no {CONFIG_NAME})")
         dicts.append(read_json(os.path.join(d, CONFIG_NAME)))
     text = read_text_config(dicts[1], os.path.join(llm_dir, CONFIG_NAME))
+    vision = read_vision_config(dicts[0], os.path.join(clip_dir, CONFIG_NAME))
+    mode, mean, std = read_image_processing(clip_dir, vision, None)
     # default image placeholder: one past the vocabulary (as llava-hf's 32000), never a real token
-    config = LLaVAConfig(vision=read_vision_config(dicts[0], os.path.join(clip_dir, CONFIG_NAME)), text=text,
-                         image_token_id=text.vocab_size)
+    config = LLaVAConfig(vision=vision, text=text, image_token_id=text.vocab_size, image_aspect_ratio=mode,
+                         image_mean=mean, image_std=std)
     config = check_config(LLaVAConfig(**{**config.__dict__, **config_overrides}), "load_from_parts")
     _untie_if_file_has_lm_head(config, [llm_dir])
     model = load_weights(build(config), [clip_dir, llm_dir], dtype, device,

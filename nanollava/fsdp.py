@@ -1,6 +1,6 @@
 """Hand-rolled fully sharded data parallelism (ZeRO-3), small enough to read in one sitting.
 
-LLaVA-1.5 trains stage 2 with DeepSpeed ZeRO-3 (REFERENCE §4): every rank keeps only 1/world of
+LLaVA-1.5 trains stage 2 with DeepSpeed ZeRO-3 (docs/llava.md §4): every rank keeps only 1/world of
 the trainable weights, gradients and Adam state, and gathers a layer's full weights just
 before it runs. This file does the same with plain torch.distributed collectives, in the
 spirit of picotron and torchtitan's simple_fsdp:

@@ -102,9 +102,9 @@ def test_pad_fills_with_the_clip_mean_colour():
 
 def test_unknown_mode_lists_supported_modes():
     with pytest.raises(ValueError, match="crop, pad"):
-        image.process(Image.new("RGB", (8, 8)), mode="squash")
+        image.process(Image.new("RGB", (8, 8)), mode="stretch")
     with pytest.raises(ValueError, match="crop, pad"):
-        image.num_image_tokens((8, 8), mode="squash")
+        image.num_image_tokens((8, 8), mode="stretch")
 
 
 def test_zero_size_and_non_pil_inputs_raise_clear_errors():
