@@ -167,7 +167,7 @@ def fit_prompt(messages, tok, template, num_image_tokens, context, max_new_token
     """Prompt ids of `messages` that leave max_new_tokens of room in the model's context
     (TextConfig.context_length: max_position_embeddings, capped by a sliding window). An over-long
     prompt is a ValueError, or with truncate=True loses the start of the last user turn's text
-    (after its "<image>\n"), with a warning."""
+    (after its "<image>\n" tags), with a warning."""
     from nanollava import conversation
 
     def build(msgs):
@@ -179,7 +179,7 @@ def fit_prompt(messages, tok, template, num_image_tokens, context, max_new_token
         raise ValueError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's "
                          f"context of {context} positions (--truncate-prompts cuts the question to fit)")
     last = messages[-1]["value"]
-    head = "<image>\n" if last.startswith("<image>\n") else ""
+    head = "<image>\n" * ((len(last) - len(last.lstrip("<image>\n"))) // len("<image>\n"))   # the images
     body = tok.encode(last[len(head):])
     cut = len(ids) - room
     while cut < len(body):
@@ -193,30 +193,24 @@ def fit_prompt(messages, tok, template, num_image_tokens, context, max_new_token
                      f"tokens even without the question text")
 
 
-def process_image(img, config):
-    """image.process with the checkpoint's image mode and resolution: (pixels, (h, w))."""
-    from nanollava import image as image_lib
-    return image_lib.process(img, mode=config.image_aspect_ratio, image_size=config.vision.image_size,
-                             config=config)
-
-
 def build_prompt(q, image_folder, tok, config, template, max_new_tokens, truncate=False):
-    """(prompt ids, pixels or None, (h, w) or None) for one question; ValueError / OSError says why not."""
+    """(prompt ids, [pixels], [(h, w)]) for one question, whose "image" is a path or a list of paths
+    (several images: one "<image>\n" each before the text); ValueError / OSError says why not."""
     from nanollava import image as image_lib
     from nanollava.data import image_path, open_image
     if "<image>" in q["text"]:
         raise ValueError("the question text contains '<image>', the image placeholder (eval.py puts it "
                          "in the prompt itself)")
-    pixels = size = None
-    n_img = 0
-    if q.get("image"):
-        with open_image(image_path(image_folder, q["image"])) as im:   # escapes, size guards
-            pixels, size = process_image(im, config)   # process() converts to RGB (alpha on white, as HF)
-        n_img = image_lib.num_image_tokens(size, mode=config.image_aspect_ratio, config=config)
-    messages = [{"from": "human", "value": ("<image>\n" if pixels is not None else "") + q["text"]}]
-    ids = fit_prompt(messages, tok, template, n_img, config.text.context_length, max_new_tokens,
-                     truncate)
-    return ids, pixels, size
+    paths = q.get("image") or []
+    paths = [paths] if isinstance(paths, str) else paths
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"'image' must be a path or a list of paths, got {q.get('image')!r:.80}")
+    imgs = [open_image(image_path(image_folder, p)) for p in paths]     # escapes, size guards
+    processed = image_lib.process_images(imgs, config)                   # RGB (alpha on white, as HF)
+    messages = [{"from": "human", "value": "<image>\n" * len(imgs) + q["text"]}]
+    ids = fit_prompt(messages, tok, template, [n for _, _, n in processed], config.text.context_length,
+                     max_new_tokens, truncate)
+    return ids, [p for p, _, _ in processed], [s for _, s, _ in processed]
 
 
 def collate_left(items, pad_id):
@@ -228,14 +222,12 @@ def collate_left(items, pad_id):
     for b, (ids, *_) in enumerate(items):
         input_ids[b, T - len(ids):] = torch.as_tensor(ids)
         attention_mask[b, T - len(ids):] = 1
-    pixels = [p for _, p, _ in items if p is not None]
-    sizes = [s for _, p, s in items if p is not None]
+    from nanollava.data import pad_views
+    pixels = [p for _, ps, _ in items for p in ps]                      # every image, row by row
+    sizes = [s for _, _, ss in items for s in ss]
     pixel_values = image_sizes = None
     if pixels:
-        if pixels[0].dim() == 4:  # AnyRes (n_tiles, 3, H, W): pad to the most tiles
-            n = max(p.shape[0] for p in pixels)
-            pixels = [torch.cat([p, p.new_zeros(n - p.shape[0], *p.shape[1:])]) for p in pixels]
-        pixel_values = torch.stack(pixels)
+        pixel_values = pad_views(pixels) if pixels[0].dim() == 4 else torch.stack(pixels)   # AnyRes: pad views
         image_sizes = torch.tensor(sizes, dtype=torch.long)
     return input_ids, attention_mask, pixel_values, image_sizes
 

@@ -2,13 +2,14 @@
 Ask a LLaVA model about an image, streaming the answer token by token.
 
     python sample.py --model DIR --image IMG --prompt "What is in the image?"
+    python sample.py --model DIR --image A.png --image B.png --prompt "What differs?"   # several images
     python sample.py --model DIR --image IMG --chat        # multi-turn, one question per stdin line
 
-The conversation template (vicuna_v1 for LLaVA-1.5, mistral_instruct, chatml_direct, ...) and
-the image mode (crop | pad | anyres) come from the checkpoint (--template overrides the template). In --chat mode the image belongs to the first
-user turn (LLaVA puts "<image>\\n" there) and stays in context for later turns; every turn
-re-encodes the whole conversation (simple, and cheap next to the answer itself).
-temperature 0 is greedy decoding.
+The conversation template (vicuna_v1 for LLaVA-1.5, mistral_instruct, qwen_1_5, ...) and the image
+mode (crop | pad | squash | anyres) come from the checkpoint (--template overrides the template).
+The images belong to the first user turn (one "<image>\\n" each) and stay in context for later
+turns of --chat; every turn re-encodes the whole conversation (simple, and cheap next to the
+answer itself). temperature 0 is greedy decoding.
 
 Every bad argument or input is one line, not a traceback: a missing, corrupt, too large or too
 thin image, a sampling setting out of range, a dtype or device this machine lacks, and a prompt
@@ -27,7 +28,7 @@ from eval import fit_prompt
 from nanollava import LLaVA, conversation
 from nanollava import image as image_lib
 from nanollava.cli import DTYPES, device, non_negative_float, non_negative_int, positive_int, probability
-from nanollava.data import open_image
+from nanollava.data import open_image, pad_views
 from nanollava.generate import stream
 from nanollava.tokenizer import Tokenizer
 
@@ -46,23 +47,25 @@ def load(model_dir, tokenizer=None, device="cpu", dtype="float32", template=None
     return model, Tokenizer.from_file(str(tok_path), image_token_id=model.config.image_token_id)
 
 
-def load_image(path, config):
-    """The image as the model sees it: (pixel_values (1, ...), image_sizes (1, 2), n visual tokens)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    with open_image(str(path)) as im:                   # corrupt, too large, too thin: a ValueError
-        pixels, size = image_lib.process(im, mode=config.image_aspect_ratio,
-                                         image_size=config.vision.image_size, config=config)
-    n = image_lib.num_image_tokens(size, mode=config.image_aspect_ratio, config=config)
-    return pixels.unsqueeze(0), torch.tensor([size], dtype=torch.long), n
+def load_images(paths, config):
+    """The images as the model sees them: (pixel_values (N, ...), image_sizes (N, 2), visual tokens per image)."""
+    imgs = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+        imgs.append(open_image(str(path)))              # corrupt, too large, too thin: a ValueError
+    processed = image_lib.process_images(imgs, config)
+    pixels = [p for p, _, _ in processed]
+    pixel_values = pad_views(pixels) if config.image_aspect_ratio == "anyres" else torch.stack(pixels)
+    return pixel_values, torch.tensor([s for _, s, _ in processed], dtype=torch.long), [n for _, _, n in processed]
 
 
 def reply(model, tok, messages, image, args, out=sys.stdout):
     """Stream one assistant answer to `out`; returns (text, stats)."""
     pixel_values, image_sizes, n_img = image if image is not None else (None, None, 0)
     question = messages[-1]["value"]
-    if "<image>" in (question.removeprefix("<image>\n") if image is not None and len(messages) == 1 else question):
+    tags = "<image>\n" * (len(n_img) if image is not None and len(messages) == 1 else 0)
+    if "<image>" in question.removeprefix(tags):
         raise ValueError("'<image>' in the question: sample.py puts the --image in the prompt itself")
     ids = fit_prompt(messages, tok, model.config.template, n_img, model.config.text.context_length,
                      args.max_new_tokens, args.truncate_prompts)
@@ -102,7 +105,8 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="tokenizer.json (default: MODEL/tokenizer.json)")
     p.add_argument("--template", choices=list(conversation.TEMPLATES),
                    help="conversation template (default: the checkpoint's)")
-    p.add_argument("--image", help="image file (optional: text-only without it)")
+    p.add_argument("--image", action="append", default=[],
+                   help="image file; repeat for several images (optional: text-only without it)")
     p.add_argument("--prompt", help="the question (single-turn mode)")
     p.add_argument("--chat", action="store_true", help="multi-turn: read questions from stdin until EOF or 'exit'")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="at most; fewer at an eos")
@@ -125,7 +129,7 @@ def main(argv=None):
     if args.max_new_tokens >= context:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {context} positions")
-    image = load_image(args.image, model.config) if args.image else None
+    image = load_images(args.image, model.config) if args.image else None
 
     def ask(messages):
         text, stats = reply(model, tok, messages, image, args)
@@ -135,7 +139,7 @@ def main(argv=None):
                   f"{stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
         return text
 
-    prefix = "<image>\n" if image is not None else ""
+    prefix = "<image>\n" * len(args.image)
     if not args.chat:
         ask([{"from": "human", "value": prefix + args.prompt}])
         return

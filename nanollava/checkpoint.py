@@ -72,17 +72,21 @@ UNUSED_PREFIXES = ("vision_tower.vision_model.head.",)
 ORIGINAL_TEXT_MODEL = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
 
 # Per vision tower: transformers' class defaults for absent config keys; its image processor's
-# normalisation and image mode (processor_mode: the original code's "square", stage 1's); and the
-# image mode a llava-hf checkpoint without nanollava's keys is run with (CLIP: LLaVA-1.5's pad).
+# normalisation and image mode (processor_mode: the original code's "square", stage 1's); the image
+# mode a llava-hf checkpoint without nanollava's keys is run with (CLIP: LLaVA-1.5's pad); and the
+# features a new LLaVA takes from it (load_from_parts): CLIP's layer -2 without CLS (LLaVA-1.5),
+# SigLIP's layer -2 with every token (LLaVA-NeXT deletes the last block and keeps all 729).
 VISION_TOWER_DEFAULTS = {
     "clip_vision_model": dict(config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                           num_attention_heads=12, image_size=224, patch_size=32),
-                              image_mean=CLIP_MEAN, image_std=CLIP_STD, processor_mode="crop", image_mode="pad"),
+                              image_mean=CLIP_MEAN, image_std=CLIP_STD, processor_mode="crop", image_mode="pad",
+                              features=dict(vision_feature_layer=-2, vision_feature_select_strategy="default")),
     "siglip_vision_model": dict(config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                             num_attention_heads=12, image_size=224, patch_size=16,
                                             hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
                                 image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), processor_mode="squash",
-                                image_mode="squash"),
+                                image_mode="squash",
+                                features=dict(vision_feature_layer=-2, vision_feature_select_strategy="full")),
 }
 # Towers an original LLaVA config names by Hub id (mm_vision_tower) and carries the weights of, when no
 # local copy of the tower's own config is given: the shapes of those weights.
@@ -591,7 +595,7 @@ def load_from_parts(clip_dir, llm_dir, projector=None, dtype=torch.float32, devi
     mode, mean, std = read_image_processing(clip_dir, vision, None)
     # default image placeholder: one past the vocabulary (as llava-hf's 32000), never a real token
     config = LLaVAConfig(vision=vision, text=text, image_token_id=text.vocab_size, image_aspect_ratio=mode,
-                         image_mean=mean, image_std=std)
+                         image_mean=mean, image_std=std, **VISION_TOWER_DEFAULTS[vision.model_type]["features"])
     config = check_config(LLaVAConfig(**{**config.__dict__, **config_overrides}), "load_from_parts")
     _untie_if_file_has_lm_head(config, [llm_dir])
     model = load_weights(build(config), [clip_dir, llm_dir], dtype, device,

@@ -277,22 +277,21 @@ class LLaVADataset(torch.utils.data.Dataset):
         rec = self.records[i]
         paths = [image_path(self.image_folder, p) for p in check_record(rec)]
         imgs = [open_image(p) for p in paths]
-        sizes = [(im.height, im.width) for im in imgs]
-        counts = [image.num_image_tokens(s, self.mode, self.config) for s in sizes]
+        processed = image.process_images(imgs, self.config, self.mode)        # pixels, size, count per image
+        counts = [n for _, _, n in processed]
         ids, labels = conversation.tokenize(rec["conversations"], self.tok, self.template, counts)
         kept = truncate(ids, labels, self.tok.image_token_id if imgs else -1, self.max_length, counts)
         if kept is None:
             raise ValueError(f"does not fit in max_length={self.max_length} without splitting "
                              "its first image or losing every supervised token")
         ids, labels, n = kept
-        size = self.config.vision.image_size
-        pixels = [image.process(im, self.mode, size, config=self.config)[0] for im in imgs[:n]]
+        pixels = [p for p, _, _ in processed[:n]]
         return dict(input_ids=torch.tensor(ids, dtype=torch.long),
                     labels=torch.tensor(labels, dtype=torch.long),
                     # (n, 3, H, W); anyres: (n, max views, 3, H, W), zero-padded views
                     pixel_values=(None if not pixels else pad_views(pixels) if self.mode == "anyres"
                                   else torch.stack(pixels)),
-                    image_sizes=sizes[:n])
+                    image_sizes=[s for _, s, _ in processed[:n]])
 
     def __getitem__(self, i):
         """Record i, or the next good one; sample["skipped"] counts the bad ones passed over."""

@@ -119,6 +119,24 @@ def process(img, mode=None, image_size=336, mean=CLIP_MEAN, std=CLIP_STD, pinpoi
     return normalize(resize_shortest_edge_and_crop(img, image_size), mean, std), (h, w)
 
 
+def process_images(imgs, config, mode=None):
+    """One sample's images as the model takes them: [(pixels, image_sizes row, visual tokens), ...].
+
+    Each image in `mode` (default: the config's), except that an AnyRes model given several images
+    sees each as one padded square view with the image_sizes row (0, 0): LLaVA-OneVision's and the
+    LLaVA-NeXT repository's rule for multi-image samples (the base view and one image_newline each).
+    """
+    mode = mode or config.image_aspect_ratio
+    if mode == "anyres" and len(imgs) > 1:
+        return [(process(im, "pad", config=config)[0][None], anyres.SQUARE_IMAGE_SIZE,
+                 num_image_tokens(anyres.SQUARE_IMAGE_SIZE, "anyres", config)) for im in imgs]
+    out = []
+    for im in imgs:
+        pixels, size = process(im, mode, config=config)
+        out.append((pixels, size, num_image_tokens(size, mode, config)))
+    return out
+
+
 def num_image_tokens(size, mode="pad", config=None):
     """Visual tokens an image of `size` (h, w) becomes in `mode` (default config: LLaVA-1.5's
     CLIP-L/336). The count itself is nanollava.llava.num_image_tokens, beside the code that makes them."""

@@ -107,6 +107,13 @@ def orig_preprocess_v1(messages, tok, system):
     return ids, target, mismatch
 
 
+def next_preprocess_multimodal(values):
+    """LLaVA-NeXT's preprocess_multimodal: a turn with exactly one <image> not at its start gets it moved to
+    its start; a turn with several keeps them where they are."""
+    return [("<image>\n" + v.replace("<image>", "").strip()).strip() if v.count("<image>") == 1
+            and not v.startswith("<image>") else v for v in values]
+
+
 def orig_preprocess_plain(messages, tok):
     prompt = "<image>" + messages[1]["value"] + "\n"
     ids = orig_tokenizer_image_token(prompt, tok, tok.image_token_id)
@@ -415,7 +422,7 @@ def byte_level(template):
 
 def orig_preprocess_llama_2(messages, tok):
     """preprocess_llama_2 with conv_mistral_instruct (system "", sep "", sep2 "</s>")."""
-    values = orig_preprocess_multimodal([m["value"] for m in messages])
+    values = next_preprocess_multimodal([m["value"] for m in messages])
     prompt = "".join(f"[INST] {v} [/INST]" if k % 2 == 0 else f" {v} </s>" for k, v in enumerate(values))
     img = tok.image_token_id
     ids = orig_tokenizer_image_token(prompt, tok, img)
@@ -437,7 +444,7 @@ def orig_preprocess_llama_2(messages, tok):
 
 def orig_preprocess_mpt(messages, tok):
     """preprocess_mpt with conv_chatml_direct (a tokenizer without the `legacy` flag)."""
-    values = orig_preprocess_multimodal([m["value"] for m in messages])
+    values = next_preprocess_multimodal([m["value"] for m in messages])
     sep, roles = "<|im_end|>", ("<|im_start|>user\n", "<|im_start|>assistant\n")
     prompt = "<|im_start|>system\nAnswer the questions." + sep
     prompt += "".join(roles[k % 2] + v + sep for k, v in enumerate(values))
@@ -468,7 +475,7 @@ def orig_preprocess_llama3(messages, tok):
     from transformers import PreTrainedTokenizerFast
     hf = PreTrainedTokenizerFast(tokenizer_object=_hf_style(tok), bos_token="<|begin_of_text|>")
     hf.chat_template = LLAMA3_CHAT_TEMPLATE
-    values = orig_preprocess_multimodal([m["value"] for m in messages])
+    values = next_preprocess_multimodal([m["value"] for m in messages])
     ids = list(hf.apply_chat_template([{"role": "system", "content": conversation.SYSTEM_VISION}], return_dict=False))
     target = [IGNORE_INDEX] * len(ids)
     for k, v in enumerate(values):
@@ -491,7 +498,7 @@ def orig_preprocess_qwen(messages, tok):
     hf.chat_template = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
                         "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
                         "{% endif %}")
-    values = orig_preprocess_multimodal([m["value"] for m in messages])
+    values = next_preprocess_multimodal([m["value"] for m in messages])
     ids = list(hf.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."}], return_dict=False))
     target = [IGNORE_INDEX] * len(ids)
     for k, v in enumerate(values):
@@ -549,3 +556,18 @@ def test_literal_special_token_strings_in_data_are_text(tok):
 def test_template_needs_its_special_tokens(tok):
     with pytest.raises(ValueError, match="no '<|im_start|>' token, which the conversation template needs"):
         conversation.tokenize([human("a"), gpt("b")], tok, "chatml_direct")
+
+
+@pytest.mark.parametrize("template", sorted(ORIGINAL_PREPROCESS))
+def test_several_images_stay_in_place_and_agree_with_llava_next_preprocess(tok, template):
+    tk = tok if template == "mistral_instruct" else byte_level(template)
+    msgs = [human("<image>\nleft <image>\nright what color"), gpt("red."), human("is it a circle"), gpt("yes")]
+    ids, labels = conversation.tokenize(msgs, tk, template, num_image_tokens=[2, 3])
+    o_ids, o_labels, mismatch = ORIGINAL_PREPROCESS[template](msgs, tk)
+    assert not mismatch
+    img = tk.image_token_id
+    out_i, out_l, counts = [], [], iter([2, 3])
+    for i, lab in zip(o_ids, o_labels):                   # one placeholder per image -> its own count
+        k = next(counts) if i == img else 1
+        out_i, out_l = out_i + [i] * k, out_l + [lab] * k
+    assert (ids, labels) == (out_i, out_l)

@@ -305,3 +305,79 @@ def test_original_onevision_layout_loads_with_its_siglip_minus_one_block(onevisi
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, position_ids=pos).logits
         close(loaded(ids, pixels, sizes, attention_mask=mask)[mask.bool()], want[mask.bool()])
+
+
+# ----------------------------------------------------------------------------- several images, training
+
+def test_dataset_gives_several_images_one_padded_view_each_in_an_anyres_model(onevision, tmp_path):
+    """A LLaVA-NeXT / OneVision record with "image": [a, b] and one <image> per image: each image becomes one
+    padded square view + newline (image_sizes (0, 0)); a one-image record gets its AnyRes tiles."""
+    from nanollava.data import LLaVADataset, collate
+    from test_conversation import byte_level
+    _, model, _ = onevision
+    tok = byte_level("qwen_1_5")
+    for name, (h, w) in (("a.png", (40, 90)), ("b.png", (70, 30))):
+        random_image(h, w, 0).save(tmp_path / name)
+    records = [{"id": "multi", "image": ["a.png", "b.png"], "conversations": [
+                   {"from": "human", "value": "<image>\nleft <image>\nright what color"}, {"from": "gpt", "value": "red"}]},
+               {"id": "single", "image": "a.png", "conversations": [
+                   {"from": "human", "value": "<image>\nwhat color"}, {"from": "gpt", "value": "blue"}]}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    config = model.config.__class__(**{**model.config.__dict__, "image_token_id": tok.image_token_id})
+    ds = LLaVADataset(str(tmp_path / "d.json"), str(tmp_path), tok, config, template="qwen_1_5")
+    multi, single = ds[0], ds[1]
+    assert multi["image_sizes"] == [(0, 0), (0, 0)] and multi["pixel_values"].shape == (2, 1, 3, TILE, TILE)
+    assert int((multi["input_ids"] == tok.image_token_id).sum()) == 2 * (16 + 1)
+    assert single["image_sizes"] == [(40, 90)] and single["pixel_values"].shape[1] > 1
+    batch = collate([multi, single], tok.pad_id)
+    assert batch["pixel_values"].shape[0] == 3 and batch["image_sizes"].tolist() == [[0, 0], [0, 0], [40, 90]]
+
+
+def test_stage2_trains_siglip_qwen2_with_qwen_1_5_and_a_multi_image_record(tmp_path):
+    """train.py end to end on SigLIP + Qwen2: stage 1 (plain), then stage 2 with --template qwen_1_5 on
+    one-image and two-image records; the export loads as that family, and the multi-image record's
+    labels are LLaVA-NeXT's preprocess_qwen masking."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import train
+    from nanollava.conversation import IGNORE_INDEX
+    from nanollava.data import LLaVADataset
+    from test_conversation import byte_level, expand, orig_preprocess_qwen
+    tok = byte_level("qwen_1_5")
+    tok.tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    torch.manual_seed(0)
+    transformers.SiglipVisionModel(tiny_siglip()).save_pretrained(tmp_path / "siglip")
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**tiny_qwen2().to_dict(), "vocab_size": len(tok)})
+                                  ).save_pretrained(tmp_path / "qwen")
+    (tmp_path / "images").mkdir()
+    for k in range(3):
+        random_image(30 + 10 * k, 50, k).save(tmp_path / "images" / f"{k}.png")
+    captions = [{"id": str(k), "image": f"{k}.png", "conversations": [
+        {"from": "human", "value": "<image>\ndescribe"}, {"from": "gpt", "value": "a red circle"}]} for k in range(2)]
+    multi = {"id": "m", "image": ["0.png", "1.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nwhat color is the shape"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "is it a circle"}, {"from": "gpt", "value": "yes"}]}
+    single = {"id": "s", "image": "2.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat shape"}, {"from": "gpt", "value": "a circle"}]}
+    (tmp_path / "s1.json").write_text(json.dumps(captions))
+    (tmp_path / "s2.json").write_text(json.dumps([multi, single]))
+    common = ["--vision-tower", str(tmp_path / "siglip"), "--llm", str(tmp_path / "qwen"), "--tokenizer",
+              str(tmp_path / "tokenizer.json"), "--image-folder", str(tmp_path / "images"), "--global-batch", "2",
+              "--micro-batch", "1", "--device", "cpu", "--max-steps", "1", "--lr", "1e-2"]
+    train.main(["--stage", "1", "--data", str(tmp_path / "s1.json"), "--out", str(tmp_path / "o1"), *common])
+    train.main(["--stage", "2", "--data", str(tmp_path / "s2.json"), "--out", str(tmp_path / "o2"),
+                "--stage1-out", str(tmp_path / "o1"), "--template", "qwen_1_5", "--image-mode", "anyres", *common])
+    model = LLaVA.from_pretrained(str(tmp_path / "o2" / "final"))
+    c = model.config
+    assert (c.vision.model_type, c.text.qkv_bias, c.template, c.image_aspect_ratio) == \
+        ("siglip_vision_model", True, "qwen_1_5", "anyres")
+    assert c.image_mean == (0.5, 0.5, 0.5), "SigLIP's normalisation travels into the export"
+    before = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen").model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(model.language_model.model.layers[0].mlp.up_proj.weight, before), "stage 2 trains the LLM"
+    ds = LLaVADataset(str(tmp_path / "s2.json"), str(tmp_path / "images"), tok, c, template="qwen_1_5")
+    sample = ds[0]
+    n = num_image_tokens(c, (0, 0))
+    ids, labels = expand(*orig_preprocess_qwen(multi["conversations"], tok)[:2], tok.image_token_id, n)
+    assert sample["input_ids"].tolist() == ids and sample["labels"].tolist() == labels
+    assert sum(lab != IGNORE_INDEX for lab in labels) > 0 and sample["image_sizes"] == [(0, 0), (0, 0)]
