@@ -520,9 +520,12 @@ def main(argv=None):
             p.error("--model needs --questions")
         questions = check_ids(read_jsonl(args.questions, "question file"), args.questions, "question file")
         for i, q in enumerate(questions, 1):
-            if not isinstance(q.get("text"), str) or not isinstance(q.get("image", ""), str):
+            image = q.get("image", "")
+            if not isinstance(q.get("text"), str) or not (isinstance(image, str) or isinstance(image, list) and
+                                                          all(isinstance(x, str) for x in image)):
                 raise ValueError(f"question file {args.questions}, record {i}: needs a string 'text' (and "
-                                 f"'image', if any: a path) in the LLaVA question format, got keys {sorted(q)}")
+                                 f"'image', if any: a path or a list of paths) in the LLaVA question format, "
+                                 f"got keys {sorted(q)}")
         torch.manual_seed(args.seed)
         tok_path = Path(args.tokenizer or Path(args.model) / "tokenizer.json")
         if not tok_path.is_file():

@@ -381,3 +381,34 @@ def test_stage2_trains_siglip_qwen2_with_qwen_1_5_and_a_multi_image_record(tmp_p
     ids, labels = expand(*orig_preprocess_qwen(multi["conversations"], tok)[:2], tok.image_token_id, n)
     assert sample["input_ids"].tolist() == ids and sample["labels"].tolist() == labels
     assert sum(lab != IGNORE_INDEX for lab in labels) > 0 and sample["image_sizes"] == [(0, 0), (0, 0)]
+
+
+def test_sample_and_eval_take_several_images(onevision, tmp_path, capsys):
+    """sample.py --image a --image b and an eval question whose "image" is a list, on a OneVision model."""
+    import sys
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import eval as eval_script
+    import sample
+    _, _, d = onevision
+    words = ["<unk>", "<|im_start|>", "<|im_end|>", "system", "You", "are", "a", "helpful", "assistant.",
+             "user", "assistant", "what", "differs"]
+    t = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    t.save(str(tmp_path / "tokenizer.json"))                 # no <image>: the model's id is used
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    for name, (h, w) in (("a.png", (40, 90)), ("b.png", (70, 30))):
+        random_image(h, w, 3).save(tmp_path / name)
+    common = ["--model", d, "--tokenizer", str(tmp_path / "tokenizer.json"), "--template", "qwen_1_5",
+              "--max-new-tokens", "3"]
+    sample.cli([*common, "--image", str(tmp_path / "a.png"), "--image", str(tmp_path / "b.png"), "--prompt",
+                "what differs", "--verbose"])
+    assert "prompt tokens" in capsys.readouterr().err
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question_id": 1, "image": ["a.png", "b.png"], "text": "what differs"})
+                                      + "\n" + json.dumps({"question_id": 2, "image": "a.png", "text": "what"}) + "\n")
+    eval_script.cli([*common, "--questions", str(tmp_path / "q.jsonl"), "--image-folder", str(tmp_path),
+                     "--answers", str(tmp_path / "ans.jsonl"), "--batch-size", "2"])
+    answers = [json.loads(line) for line in open(tmp_path / "ans.jsonl")]
+    assert len(answers) == 2 and not any("error" in a for a in answers), answers
