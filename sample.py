@@ -60,8 +60,9 @@ def load_images(paths, config):
     return pixel_values, torch.tensor([s for _, s, _ in processed], dtype=torch.long), [n for _, _, n in processed]
 
 
-def reply(model, tok, messages, image, args, out=sys.stdout):
-    """Stream one assistant answer to `out`; returns (text, stats)."""
+def reply(model, tok, messages, image, args, out=None):
+    """Stream one assistant answer to `out` (default: the current sys.stdout); returns (text, stats)."""
+    out = out or sys.stdout
     pixel_values, image_sizes, n_img = image if image is not None else (None, None, 0)
     question = messages[-1]["value"]
     tags = "<image>\n" * (len(n_img) if image is not None and len(messages) == 1 else 0)
