@@ -43,7 +43,8 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        y = F.linear(x, self.weight, self.bias)                                          # (B, T, out)
+        return y.add_(F.linear(F.linear(x, self.lora_A), self.lora_B), alpha=self.scaling)   # in place: no copies
 
     def merged(self):
         """W + (alpha / r) B A, as a plain nn.Linear (computed in fp32)."""

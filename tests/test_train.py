@@ -211,7 +211,7 @@ def scaled_runs(parts, stage1):
     data, _ = mixed_data(parts)
     root = parts["root"] / "scaled"
     out = {name: root / name for name in ("w1m8", "w1m2", "w2m4", "w2m4torch", "w3m2", "w3m8",
-                                          "torch_then_nano", "nano_then_torch")}
+                                          "torch_then_nano", "nano_then_torch", "w2_then_w1")}
     for name, micro in (("w1m8", 8), ("w1m2", 2)):
         train.main(invariance_args(parts, stage1, data, out[name], micro))
     two = lambda name, *extra: invariance_args(parts, stage1, data, out[name], 4, *extra)  # noqa: E731
@@ -219,7 +219,9 @@ def scaled_runs(parts, stage1):
                        two("torch_then_nano", "--fsdp", "torch", "--max-steps", "2"),
                        two("torch_then_nano", "--fsdp", "nano", "--resume"),
                        two("nano_then_torch", "--fsdp", "nano", "--max-steps", "2"),
-                       two("nano_then_torch", "--fsdp", "torch", "--resume")])
+                       two("nano_then_torch", "--fsdp", "torch", "--resume"),
+                       two("w2_then_w1", "--fsdp", "torch", "--max-steps", "2")])
+    train.main(invariance_args(parts, stage1, data, out["w2_then_w1"], 8, "--resume"))       # 1 rank, micro 8
     spawn_training(3, [invariance_args(parts, stage1, data, out["w3m2"], 2),
                        invariance_args(parts, stage1, data, out["w3m8"], 8)])
     return out
@@ -236,15 +238,17 @@ def max_difference(a, b):
 
 def test_world_size_and_micro_batch_leave_training_unchanged(parts, scaled_runs, capsys):
     """1, 2 and 3 gloo ranks, micro-batches 2, 4 and 8, global batch 24: every step's loss and
-    every final weight agree within 1e-5 (only the order of float sums differs). Some micro-batches
-    hold no image while another rank's does (every rank must still run the same collectives)."""
+    every final weight agree within 1e-5 (only the order of float sums differs), also for a run
+    that 2 ranks start (--fsdp torch) and 1 rank resumes. Some micro-batches hold no image while
+    another rank's does (every rank must still run the same collectives)."""
     _, records = mixed_data(parts)
     has_image = ["image" in r for r in records]
     steps = train.global_batches([1] * len(records), INVARIANCE_BATCH, train.DEFAULTS["seed"], 0, False)
     kinds = {tuple(any(has_image[i] for i in train.rank_micro_batches(b, 3, r, 2)[k]) for r in range(3))
              for b in steps for k in range(4)}
     assert any(True in k and False in k for k in kinds), f"no step mixes text-only and image micro-batches: {kinds}"
-    diffs = {name: max_difference(scaled_runs["w1m8"], scaled_runs[name]) for name in ("w1m2", "w2m4", "w3m2", "w3m8")}
+    diffs = {name: max_difference(scaled_runs["w1m8"], scaled_runs[name])
+             for name in ("w1m2", "w2m4", "w3m2", "w3m8", "w2_then_w1")}
     with capsys.disabled():
         print(f"\nmax |difference| vs 1 rank x micro-batch 8: {diffs}")
     assert max(diffs.values()) <= 1e-5, diffs
