@@ -52,6 +52,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from nanollava import files, toy, train_checkpoint
@@ -296,6 +297,18 @@ def shard(model, args, device):
     return None
 
 
+def make_optimizer(model, args):
+    """AdamW over the trainable parameters as the engine holds them (nanollava's flat shards,
+    FSDP2's DTensors), one param group per learning rate: projector, LLM, vision tower."""
+    lrs = {"projector": args.projector_lr or args.lr, "llm": args.lr, "vision_tower": args.vision_lr}
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(param_group(name), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lrs[g], "name": g} for g, ps in groups.items()],
+                             betas=args.betas, weight_decay=args.weight_decay, eps=args.eps)
+
+
 @torch.no_grad()
 def clip_grad_norm_(params, max_norm):
     """torch's clip_grad_norm_ over sharded gradients: the global L2 norm is the square root of
@@ -347,8 +360,7 @@ def full_state_dict(model, fsdp):
     if fsdp is not None:
         sd = fsdp.full_state_dict()
     else:
-        sd = {n: p.full_tensor() if isinstance(p, train_checkpoint.DTensor) else p
-              for n, p in model.named_parameters()}
+        sd = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
     return {n: t.detach().float().cpu() for n, t in sd.items()}
 
 
@@ -561,19 +573,9 @@ def run(args):
     llm_numel = sum(p.numel() for p in model.language_model.parameters())
     trainable_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fsdp = shard(model, args, device)
-    # the trainable parameters, as each engine holds them: nano's flat shards, FSDP2's DTensors
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    lrs = {"projector": args.projector_lr or args.lr, "llm": args.lr, "vision_tower": args.vision_lr}
-    groups = {}
-    for name, p in params.items():
-        groups.setdefault(param_group(name), []).append(p)
-    optimizer = torch.optim.AdamW([{"params": ps, "lr": lrs[g], "name": g} for g, ps in groups.items()],
-                                  betas=args.betas, weight_decay=args.weight_decay, eps=args.eps)
-    params = list(params.values())
-    # what a checkpoint holds of this rank: its piece of every trainable weight
-    pieces = fsdp.pieces() if fsdp is not None else train_checkpoint.dtensor_pieces(model)
-    weights = ({n: tuple(s) for f in fsdp.flats for n, s in zip(f.names, f.shapes)} if fsdp is not None else
-               {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad})
+    optimizer = make_optimizer(model, args)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    pieces, weights = train_checkpoint.pieces(model, fsdp)   # what a checkpoint holds of this rank
 
     try:                                                 # a malformed data file: a clear error too
         mode = args.image_mode or VISION_TOWER_DEFAULTS[model.config.vision.model_type]["processor_mode"]

@@ -12,9 +12,10 @@ FSDP, step by step:
   unit is everything else: embeddings, projector, final norm, lm_head, image_newline.
 - Flat shards: per (unit, parameter group) the trainable weights are flattened into ONE buffer,
   padded to a multiple of the world size. Rank r keeps slice r of it as an fp32 nn.Parameter,
-  the *shard*, registered on the unit's module as `<group>_shard`: after wrapping,
-  `model.named_parameters()` lists the shards (what the optimizer steps) and the frozen weights,
-  which stay whole on every rank, in the compute dtype, with no gradient and no optimizer state.
+  the *shard*, registered as `<group>_shard` on the smallest module holding those weights
+  (`language_model.model.layers.0.llm_shard`): after wrapping, `model.named_parameters()` lists
+  the shards (what the optimizer steps) and the frozen weights, which stay whole on every rank,
+  in the compute dtype, with no gradient and no optimizer state.
 - Forward: a pre-hook all-gathers a unit's flat (in param_dtype) and points its weights at views
   of it; a post-hook frees it. The root is gathered at every forward of the model and kept: it is
   used at both ends (embeddings first, lm_head last), so it is small enough to keep.
@@ -33,6 +34,7 @@ FSDP, step by step:
 One rank is no special case: its "collectives" move the data to itself.
 """
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -196,10 +198,11 @@ class FSDP:
             for name, b in module._buffers.items():
                 if b is not None:
                     module._buffers[name] = b.to(self.device)
-        # the shards become the model's trainable parameters, on the unit's module
-        for unit in self.units:
-            for flat in unit.flats:
-                unit.module.register_parameter(f"{flat.group}_shard", flat.shard)
+        # the shards become the model's trainable parameters, each on the smallest module that
+        # holds all of its weights: its name says where it comes from (language_model.llm_shard)
+        for flat in self.flats:
+            where = os.path.commonprefix([name.split(".")[:-1] for name in flat.names])
+            model.get_submodule(".".join(where)).register_parameter(f"{flat.group}_shard", flat.shard)
 
         model.register_forward_pre_hook(lambda m, args: self._gather_root())
         for unit in self.units[:-1]:

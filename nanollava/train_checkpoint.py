@@ -45,22 +45,27 @@ def local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def dtensor_pieces(model):
-    """FSDP2's pieces: every trainable weight is a DTensor sharded on dim 0 as torch.chunk cuts
-    it: rank r holds rows [r c, (r + 1) c), c = ceil(rows / world). Same tuples as FSDP.pieces."""
-    out = []
+def pieces(model, fsdp=None):
+    """(this rank's pieces, {name: shape} of every trainable weight). A piece is (name, shape,
+    start, param, lo, hi): elements [start, start + hi - lo) of weight `name`, flattened, are
+    local(param)[lo:hi]. nanollava's FSDP says where its flat shards cut the weights; under FSDP2
+    every trainable weight is a DTensor sharded on dim 0 as torch.chunk cuts it: rank r holds
+    rows [r c, (r + 1) c), c = ceil(rows / world)."""
+    if fsdp is not None:
+        return fsdp.pieces(), {n: tuple(s) for f in fsdp.flats for n, s in zip(f.names, f.shapes)}
+    out, weights = [], {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        weights[name] = tuple(p.shape)
         rows, world = p.shape[0], p.device_mesh.size()
         chunk = math.ceil(rows / world)
         first = min(dist.get_rank() * chunk, rows)
-        n = local(p).numel()
         if local(p).shape[0] != min(first + chunk, rows) - first:
-            raise RuntimeError(f"{name}: FSDP2 no longer shards rows as torch.chunk does; update dtensor_pieces")
-        if n:
-            out.append((name, tuple(p.shape), first * math.prod(p.shape[1:]), p, 0, n))
-    return out
+            raise RuntimeError(f"{name}: FSDP2 no longer shards rows as torch.chunk does; update pieces()")
+        if local(p).numel():
+            out.append((name, tuple(p.shape), first * math.prod(p.shape[1:]), p, 0, local(p).numel()))
+    return out, weights
 
 
 def rank_state(pieces, optimizer, scheduler):

@@ -266,6 +266,26 @@ def test_fsdp_torch_matches_nano_and_each_resumes_the_others_checkpoint(scaled_r
     assert meta["layout"]["world"] == 2 and len(os.listdir(scaled_runs["torch_then_nano"] / "ckpt")) == 3
 
 
+def test_nano_shards_are_named_after_the_weights_they_hold_so_each_gets_its_groups_lr(parts):
+    """After --fsdp nano wraps the model, its trainable parameters are flat shards; each one's name
+    must put it in the parameter group (and lr) of its weights: the root holds all three groups."""
+    import torch.distributed as dist
+    from nanollava.checkpoint import load_from_parts
+    from nanollava.fsdp import FSDP
+    model = load_from_parts(parts["clip"], parts["llama"])
+    units = list(model.language_model.model.layers) + list(model.vision_tower.vision_model.encoder.layers)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fsdp = FSDP(model, units, group_fn=train.param_group)
+        shards = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+        assert len(shards) == len(fsdp.flats) and {f.unit.name for f in fsdp.flats if not f.unit.name} == {""}
+        assert {f.group for f in fsdp.flats if f.unit is fsdp.root} == {"llm", "projector", "vision_tower"}
+        for f in fsdp.flats:
+            assert train.param_group(shards[id(f.shard)]) == f.group, (shards[id(f.shard)], f.group, f.names[:3])
+    finally:
+        dist.destroy_process_group()
+
+
 def test_bf16_autocast_on_cpu_tracks_the_fp32_loss(parts, stage1, capsys):
     """--dtype bfloat16 (the GPU default) runs on CPU: autocast, bf16 gathered and frozen weights,
     fp32 masters and reductions, under both engines; its losses stay within bf16's precision of
