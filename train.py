@@ -314,7 +314,7 @@ def clip_grad_norm_(params, max_norm):
     """torch's clip_grad_norm_ over sharded gradients: the global L2 norm is the square root of
     the all-reduced sums of squares of every rank's shards."""
     grads = [local(p.grad) for p in params if p.grad is not None]
-    sq = torch.zeros((), device=grads[0].device if grads else None)
+    sq = torch.zeros((), device=params[0].device)
     for g in grads:
         sq += g.float().pow(2).sum()
     dist.all_reduce(sq)
