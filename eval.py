@@ -10,6 +10,7 @@ Two modes:
 2. score an answer file against ground truth, beside the published LLaVA-1.5-7B row:
    python eval.py --benchmark pope --answers A.jsonl --questions llava_pope_test.jsonl --annotations DIR
    python eval.py --benchmark toy  --answers A.jsonl   # data/toy/eval_{answers,questions}.jsonl by default
+   python eval.py --benchmark shapes --answers A.jsonl # data/shapes/..., per-kind accuracy (ablate.py)
 
 The toy benchmark end to end (easy-vqa test split, built by data_prep.py):
    python eval.py --model out/toy/stage2 --questions data/toy/eval_questions.jsonl \\
@@ -49,6 +50,7 @@ from nanollava.cli import DTYPES, device, positive_int
 # LLaVA-1.5-7B, Table 4 of "Improved Baselines with Visual Instruction Tuning"
 PUBLISHED_7B = {"vqav2": 78.5, "gqa": 62.0, "vizwiz": 50.0, "scienceqa": 66.8, "textvqa": 58.2,
                 "pope": 85.9, "mme": 1510.7, "mmbench": 64.3}
+TOY_GT = {"toy": "data/toy/eval_answers.jsonl", "shapes": "data/shapes/eval_answers.jsonl"}   # data_prep.py
 ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 
 
@@ -473,6 +475,49 @@ def score_toy(answers, gt_path="data/toy/eval_answers.jsonl", answers_path="answ
     return out
 
 
+LONG_WORDS = 6          # shapes: a long-form answer has at least this many words
+
+
+def score_shapes(answers, gt_path="data/shapes/eval_answers.jsonl", answers_path="answers"):
+    """The shapes benchmark (nanollava/shapes.py; data_prep.py --benchmark shapes): exact match after
+    VQA normalisation per kind of short question ("color/acc" ... "exist/acc"), over all of them
+    ("short/acc"), over the detail kind ("detail/acc": digit) and the coarse ones ("coarse/acc");
+    POPE F1 over exist. Long-form requests: the share of answers of at least LONG_WORDS words
+    ("conv/long", "describe/long"), and whether a conversational answer's first sentence holds the
+    short answer ("conv/acc"). answers: records or a path."""
+    from nanollava.shapes import KINDS
+    if not isinstance(answers, list):
+        answers, answers_path = read_answers(answers), answers
+    gts = {g["question_id"]: g for g in read_jsonl(gt_path, "shapes ground truth")}
+    _check_ids(answers, gts, "shapes", answers_path)
+    texts = _texts(answers)
+    by_kind = {}
+    for q, t in texts.items():
+        by_kind.setdefault(gts[q]["category"], []).append((t or "", gts[q]["answer"], t is None))
+    out = {"n": len(texts), **_failures(answers)}
+
+    def acc(rows):
+        return 100 * sum(not failed and metrics.exact_match(t, a) for t, a, failed in rows) / len(rows)
+    groups = {"short": KINDS, "detail": ("digit",), "coarse": tuple(k for k in KINDS if k != "digit")}
+    for group, kinds in groups.items():
+        rows = [r for k in kinds for r in by_kind.get(k, [])]
+        if rows:
+            out[f"{group}/acc"] = acc(rows)
+    for kind in KINDS:
+        if kind in by_kind:
+            out[f"{kind}/acc"] = acc(by_kind[kind])
+    if "exist" in by_kind:
+        out["exist/f1"] = 100 * metrics.pope([None if f else t for t, _, f in by_kind["exist"]],
+                                             [a for _, a, _ in by_kind["exist"]])["f1"]
+    for kind in ("conv", "describe"):
+        if kind in by_kind:
+            out[f"{kind}/long"] = 100 * sum(len(t.split()) >= LONG_WORDS for t, _, _ in by_kind[kind]) / len(by_kind[kind])
+    if "conv" in by_kind:
+        out["conv/acc"] = 100 * sum(a in metrics.normalize_vqa_answer(t.split(".")[0]).split()
+                                    for t, a, _ in by_kind["conv"]) / len(by_kind["conv"])
+    return out
+
+
 def print_table(benchmark, scores):
     """The scores beside the published row, then how many questions failed or had no answer."""
     print(f"{'benchmark':<24}{'score':>12}{'LLaVA-1.5-7B':>14}")
@@ -504,10 +549,10 @@ def main(argv=None):
     p.add_argument("--device", type=device, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--benchmark", choices=["pope", "vqav2", "textvqa", "gqa", "scienceqa", "mme", "toy"],
+    p.add_argument("--benchmark", choices=["pope", "vqav2", "textvqa", "gqa", "scienceqa", "mme", "toy", "shapes"],
                    help="score the answer file against this benchmark's ground truth")
     p.add_argument("--annotations", help="ground truth: POPE label dir, VQAv2/TextVQA/GQA json, "
-                                         "ScienceQA problems.json, MME dir, toy eval_answers.jsonl")
+                                         "ScienceQA problems.json, MME dir, toy / shapes eval_answers.jsonl")
     args = p.parse_args(argv)
     if not args.model and not args.benchmark:
         p.error("give --model (generate answers) and/or --benchmark (score them)")
@@ -553,14 +598,18 @@ def main(argv=None):
     if args.benchmark:
         b, ann = args.benchmark, args.annotations
         answers, questions_path = read_answers(args.answers), args.questions
-        if b == "toy" and not questions_path:            # data_prep.py writes the two side by side
-            beside = Path(ann or "data/toy/eval_answers.jsonl").with_name("eval_questions.jsonl")
+        if b in TOY_GT:                                  # data_prep.py's toys: its ground truth by default
+            ann = ann or TOY_GT[b]
+        if b in TOY_GT and not questions_path:           # ... and the questions beside it
+            beside = Path(ann).with_name("eval_questions.jsonl")
             questions_path = beside if beside.is_file() else None
         if questions_path:                               # another benchmark's answers; unanswered questions
             questions = check_ids(read_jsonl(questions_path, "question file"), questions_path, "question file")
             answers = match_questions(answers, questions, args.answers)
         if b == "toy":
-            scores = score_toy(answers, ann or "data/toy/eval_answers.jsonl", args.answers)
+            scores = score_toy(answers, ann, args.answers)
+        elif b == "shapes":
+            scores = score_shapes(answers, ann, args.answers)
         elif ann is None:
             p.error(f"--benchmark {b} needs --annotations")
         elif b == "pope":
