@@ -9,7 +9,7 @@ can check:
   tiles    the default Triton tiles at the real LLaVA shapes, bf16 and fp16, vs fp32
   fsdp     tests/test_fsdp.py, with FSDP's CUDA side-stream path (2 gloo ranks on the GPU)
   train    toy stage 1 (6 steps) then stage 2 with the vision tower trained (4 steps), on CUDA
-  bench    python -m kernels.bench: Triton vs SDPA and nn.RMSNorm at the LLaVA-1.5 shapes
+  bench    python -m nanollava.kernels.bench: Triton vs SDPA and nn.RMSNorm at the LLaVA-1.5 shapes
   kernels  the rest of tests/test_kernels.py (small tiles, every feature) on CUDA
 Then it prints one table and writes DIR/benchmarks.md, a dated section with the machine, the
 commands and their numbers, for BENCHMARKS.md. It needs the repository, torch and triton (no
@@ -49,7 +49,7 @@ def steps(work):
         ("train", [train + ["--stage", "1", "--max-steps", "6", "--out", s1],
                    train + ["--stage", "2", "--stage1-out", s1, "--max-steps", "4", "--out", s2,
                             "--train-vision-tower", "--grad-checkpointing"]], 100, "toy stage 1 + 2"),
-        ("bench", [[sys.executable, "-m", "kernels.bench"]], 100, "kernels.bench"),
+        ("bench", [[sys.executable, "-m", "nanollava.kernels.bench"]], 100, "nanollava.kernels.bench"),
         ("kernels", [kernel_tests + ["-k", f"not ({TILE_TESTS})"]], 240, "kernel tests"),
     ]
 
@@ -156,7 +156,7 @@ def main(argv=None):
         f.write(f"## GPU check, {when}\n\n{machine()}, commit {commit()}.\n\n"
                 f"```\npython3 -m bench.gpu{' --only ' + ' '.join(args.only) if args.only else ''}"
                 f"      # {time.time() - started:.0f} s in all\n```\n\n"
-                + "\n".join(table) + f"\n\n`python -m kernels.bench`:\n\n```\n{bench}\n```\n")
+                + "\n".join(table) + f"\n\n`python -m nanollava.kernels.bench`:\n\n```\n{bench}\n```\n")
     print("\n" + "\n".join(table))
     print(f"\n{time.time() - started:.0f} s; {os.path.join(args.out, 'benchmarks.md')} is ready for BENCHMARKS.md"
           + (f"; FAILED: {', '.join(failed)} (see their logs)" if failed else ""))

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import check_segment_ids
+from nanollava.kernels.reference import check_segment_ids
 
 LOG2E = 1.4426950408889634
 

@@ -19,8 +19,10 @@ import torch
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from kernels import (attention_reference, dispatch, flash_attention, rms_norm, rms_norm_reference,
-                     segment_ids_from_cu_seqlens)
+from nanollava.kernels import dispatch
+from nanollava.kernels.flash_attention import flash_attention
+from nanollava.kernels.reference import attention_reference, rms_norm_reference, segment_ids_from_cu_seqlens
+from nanollava.kernels.rms_norm import rms_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
