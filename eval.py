@@ -316,6 +316,7 @@ def main(argv=None):
                                          "ScienceQA problems.json, MME dir, SEED-Bench.json, toy eval_answers.jsonl "
                                          "(MMBench, ChartQA, DocVQA, InfoVQA: in --questions)")
     p.add_argument("--upload", help="also write the test server's file here (vqav2, vizwiz, docvqa, infovqa)")
+    p.add_argument("--plot", help="also draw the scores as bars beside LLaVA-1.5-7B's, to this PNG")
     args = p.parse_args(argv)
     if not args.model and not args.benchmark:
         p.error("give --model (generate answers) and/or --benchmark (score them)")
@@ -369,6 +370,12 @@ def main(argv=None):
             with files.atomic_write(args.upload) as f:
                 json.dump(benchmarks.upload(b, answers, questions), f)
             print(f"test-server file: {args.upload}")
+        if args.plot:
+            from nanollava import plots
+            shown = {k: v for k, v in scores.items() if k not in ("n", "failed", "missing") and not k.endswith("/n")}
+            plots.bars({Path(args.answers).stem: shown}, args.plot, f"{b}: {scores['n']} questions",
+                       "score", PUBLISHED_7B, "LLaVA-1.5-7B (published)")
+            print(f"plot: {args.plot}")
         return scores
 
 
