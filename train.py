@@ -5,12 +5,17 @@
           alone: OUT/mm_projector.safetensors and the original-style OUT/mm_projector.bin.
   stage 2 (visual instruction tuning): starts from the stage-1 projector (--stage1-out) and
           trains projector + LLM on conversations with `vicuna_v1` (lr 2e-5, global batch 128);
-          --train-vision-tower also tunes CLIP at its own lr (LLaVA-NeXT: 2e-6). Exports
-          OUT/final in the llava-hf layout (sample.py / eval.py / transformers load it).
+          --train-vision-tower also tunes CLIP at its own lr (LLaVA-NeXT: 2e-6); --lora trains
+          LoRA adapters (r 128, alpha 256, lr 2e-4) instead of the LLM, and the projector at
+          2e-5 (LLaVA-1.5's finetune_lora.sh). Exports OUT/final in the llava-hf layout
+          (sample.py / eval.py / transformers load it), LoRA merged in.
 
 Both: AdamW (0.9, 0.999), weight decay 0, cosine schedule with 3% linear warmup, one epoch,
-gradient accumulation up to the global batch whatever the world size, bf16 autocast on CUDA
-with fp32 master weights, hand-rolled FSDP (nanollava/fsdp.py) over torchrun ranks.
+bf16 autocast on CUDA with fp32 master weights, ZeRO-3 over torchrun ranks: `--fsdp nano`
+(nanollava/fsdp.py, by hand) or `--fsdp torch` (PyTorch's FSDP2), the same checkpoints.
+A step is the same whatever the world size and micro-batch: a global batch is a fixed set of
+samples, and its loss is the sum of its token losses over its count of supervised tokens
+(docs/fsdp.md says how this differs from the original's mean of per-micro-batch means).
 
   python train.py --stage 1                       # the toy: runs on a laptop CPU
   python train.py --stage 2
@@ -19,7 +24,8 @@ with fp32 master weights, hand-rolled FSDP (nanollava/fsdp.py) over torchrun ran
       --micro-batch 16 --max-length 2048 --grad-checkpointing
 
 Writes OUT/metrics.jsonl (one JSON per optimizer step), OUT/loss.png, sharded checkpoints in
-OUT/ckpt/step_N/ (the last complete one is named by OUT/ckpt/latest) and resumes with --resume.
+OUT/ckpt/step_N/ (nanollava/train_checkpoint.py; the last complete one is named by
+OUT/ckpt/latest) and resumes with --resume, with either engine, at any world size.
 
 Faults: every file is written atomically (nanollava/files.py); checkpoints are safetensors + JSON,
 never pickle; the newest --keep-last checkpoints are kept, the previous one until the next is
@@ -33,7 +39,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -47,96 +52,119 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from nanollava import files, toy
-from nanollava.checkpoint import VISION_TOWER_DEFAULTS, load_from_parts, save_projector
-from nanollava.conversation import TEMPLATES
+from nanollava import files, toy, train_checkpoint
+from nanollava.checkpoint import VISION_TOWER_DEFAULTS, build, load_from_parts, save_projector
 from nanollava.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int
-from nanollava.data import DataError, LLaVADataset, LengthGroupedSampler, collate, load_json_object
-from nanollava.fsdp import FSDP
+from nanollava.conversation import TEMPLATES
+from nanollava.data import DataError, LLaVADataset, collate, global_batches, rank_micro_batches
+from nanollava.fsdp import PrefetchFSDP
+from nanollava.llava import supervised_tokens
+from nanollava.lora import add_lora, merge_lora, save_adapters
 from nanollava.tokenizer import Tokenizer
+from nanollava.train_checkpoint import local
 
 # -----------------------------------------------------------------------------------------
-# defaults: the toy (data_prep.py + pretrain_toy.py outputs); LLaVA-1.5 recipe per stage
-STAGES = {   # image_mode None: the vision tower's own processor (CLIP: crop, SigLIP: squash)
-    1: dict(template="plain", image_mode=None, lr=1e-3, global_batch=256, data="stage1.json", group_by_length=False),
-    2: dict(template="vicuna_v1", image_mode="pad", lr=2e-5, global_batch=128, data="stage2.json", group_by_length=True),
+# defaults: the LLaVA-1.5 recipe (docs/llava.md §4) on the toy's paths (nanollava/toy.py). The one
+# place they live: parse_args starts from DEFAULTS, then the stage's row, then --lora's, then the
+# command line.
+DEFAULTS = dict(
+    vision_tower=toy.CLIP_DIR, llm=toy.LLAMA_DIR, image_folder=os.path.join(toy.DATA_DIR, "images"),
+    tokenizer=None,            # None: LLM/tokenizer.json, else the one next to the data
+    stage1_out="out/stage1",   # stage 2 starts from this projector
+    micro_batch=16,            # per rank per forward; accumulation makes up the global batch
+    max_length=2048,           # LLaVA-1.5 (NeXT: 4096)
+    epochs=1,                  # the recipe: one epoch per stage
+    max_steps=None,            # None: the whole schedule
+    schedule_steps=None,       # None: epochs x global batches per epoch
+    warmup_ratio=0.03,
+    projector_lr=None,         # None: --lr (LLaVA's mm_projector_lr)
+    vision_lr=2e-6,            # LLaVA-NeXT's unfrozen tower
+    train_vision_tower=False,
+    betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8,
+    grad_clip=1.0,             # HF Trainer's default max_grad_norm, which LLaVA inherits
+    grad_checkpointing=False,
+    lora=False, lora_r=128, lora_alpha=256,
+    fsdp="nano",
+    device="cuda" if torch.cuda.is_available() else "cpu",
+    dtype="bfloat16" if torch.cuda.is_available() else "float32",  # autocast + gathered weights
+    seed=1337,
+    save_every=0,              # 0: checkpoints only at the end, on Ctrl-C and on SIGTERM
+    keep_last=2,               # the newest, and one to fall back on if it is damaged
+    resume=False,
+    num_workers=0, log_every=1,
+    dist_timeout=600,          # seconds a rank waits in a collective before the run fails (torch: 30 min)
+)
+STAGE = {   # image_mode None: the vision tower's own processor (CLIP: crop, SigLIP: squash)
+    1: dict(template="plain", image_mode=None, lr=1e-3, global_batch=256, group_by_length=False,
+            data=os.path.join(toy.DATA_DIR, "stage1.json"), out="out/stage1"),
+    2: dict(template="vicuna_v1", image_mode="pad", lr=2e-5, global_batch=128, group_by_length=True,
+            data=os.path.join(toy.DATA_DIR, "stage2.json"), out="out/stage2"),
 }
-vision_tower = toy.CLIP_DIR
-llm = toy.LLAMA_DIR
-data_dir = toy.DATA_DIR
-micro_batch = 16            # per rank per forward; accumulation makes up the global batch
-max_length = 2048           # LLaVA-1.5 (NeXT: 4096)
-epochs = 1                  # the recipe: one epoch per stage
-warmup_ratio = 0.03
-vision_lr = 2e-6            # LLaVA-NeXT's unfrozen tower
-betas = (0.9, 0.999)
-weight_decay = 0.0
-grad_clip = 1.0             # HF Trainer's default max_grad_norm, which LLaVA inherits
-seed = 1337
-log_every = 1
-keep_last = 2               # checkpoints kept: the newest, and one to fall back on if it is damaged
-dist_timeout = 600          # seconds a rank waits in a collective before the run fails (torch: 30 min)
+LORA = dict(lr=2e-4, projector_lr=2e-5)     # finetune_lora.sh: adapters 2e-4, mm_projector_lr 2e-5
 # -----------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
+    """DEFAULTS, updated by STAGE[--stage] (and LORA with --lora), then by the command line."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--stage", type=int, choices=(1, 2))
+    first.add_argument("--lora", action="store_true")
+    known, _ = first.parse_known_args(argv)
     p = argparse.ArgumentParser(description="LLaVA-1.5 stage 1 / stage 2 training",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: projector on captions; 2: + LLM")
-    p.add_argument("--vision-tower", default=vision_tower, help="CLIP vision directory (HF layout)")
-    p.add_argument("--llm", default=llm, help="Llama/Vicuna directory (HF layout)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: LLM/tokenizer.json, else DATA dir's)")
-    p.add_argument("--data", default=None, help=f"LLaVA JSON (default: {data_dir}/stage{{1,2}}.json)")
-    p.add_argument("--image-folder", default=None, help=f"image root (default: {data_dir}/images)")
-    p.add_argument("--stage1-out", default="out/stage1", help="stage 2: the stage-1 OUT dir or projector file")
-    p.add_argument("--out", default=None, help="output directory (default: out/stage{1,2})")
-    p.add_argument("--lr", type=positive_float, default=None, help="peak lr of projector + LLM (default 1e-3 / 2e-5)")
+    p.add_argument("--vision-tower", help="CLIP / SigLIP vision directory (HF layout)")
+    p.add_argument("--llm", help="Llama/Vicuna directory (HF layout)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: LLM/tokenizer.json, else the data dir's)")
+    p.add_argument("--data", help="LLaVA JSON")
+    p.add_argument("--image-folder", help="image root")
+    p.add_argument("--stage1-out", help="stage 2: the stage-1 OUT dir or projector file")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--lr", type=positive_float, help="peak lr of the LLM (or its LoRA adapters)")
+    p.add_argument("--projector-lr", type=positive_float, help="peak lr of the projector (default: --lr)")
     p.add_argument("--train-vision-tower", action="store_true", help="stage 2: also tune CLIP (LLaVA-NeXT)")
-    p.add_argument("--vision-lr", type=positive_float, default=vision_lr, help="peak lr of the vision tower")
-    p.add_argument("--global-batch", type=positive_int, default=None, help="samples per optimizer step (default 256 / 128)")
-    p.add_argument("--micro-batch", type=positive_int, default=micro_batch, help="samples per rank per forward")
-    p.add_argument("--max-length", type=positive_int, default=max_length, help="max tokens per sample (images kept whole)")
-    p.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the data")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps (schedule unchanged)")
-    p.add_argument("--schedule-steps", type=positive_int, default=None, help="length of the lr schedule (default: epochs)")
-    p.add_argument("--warmup-ratio", type=fraction, default=warmup_ratio, help="linear warmup fraction")
-    p.add_argument("--grad-clip", type=non_negative_float, default=grad_clip, help="global grad-norm clip (0: off)")
+    p.add_argument("--vision-lr", type=positive_float, help="peak lr of the vision tower")
+    p.add_argument("--lora", action="store_true", help="stage 2: LoRA adapters on every LLM linear layer "
+                                                       "instead of the LLM (LLaVA-1.5 finetune_lora)")
+    p.add_argument("--lora-r", type=positive_int, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=positive_float, help="LoRA scale alpha (the update is alpha / r x BA)")
+    p.add_argument("--global-batch", type=positive_int, help="samples per optimizer step, whatever the world size")
+    p.add_argument("--micro-batch", type=positive_int, help="samples per rank per forward")
+    p.add_argument("--max-length", type=positive_int, help="max tokens per sample (images kept whole)")
+    p.add_argument("--epochs", type=positive_int, help="passes over the data")
+    p.add_argument("--max-steps", type=positive_int, help="stop after N optimizer steps (schedule unchanged)")
+    p.add_argument("--schedule-steps", type=positive_int, help="length of the lr schedule (default: epochs)")
+    p.add_argument("--warmup-ratio", type=fraction, help="linear warmup fraction")
+    p.add_argument("--grad-clip", type=non_negative_float, help="global grad-norm clip (0: off)")
     p.add_argument("--grad-checkpointing", action="store_true", help="per-block activation checkpointing")
-    p.add_argument("--no-group-by-length", action="store_true",
-                   help="stage 2: plain shuffle instead of LLaVA's group_by_modality_length (stage 1 never groups)")
-    p.add_argument("--save-every", type=non_negative_int, default=0,
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+                   help="LLaVA's group_by_modality_length over each global batch (else a plain shuffle)")
+    p.add_argument("--fsdp", choices=("nano", "torch"), help="ZeRO-3 engine: nanollava/fsdp.py or PyTorch's FSDP2")
+    p.add_argument("--device", help="cpu | cuda")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype: bf16 autocast and bf16 gathered weights (master weights stay fp32)")
+    p.add_argument("--save-every", type=non_negative_int,
                    help="sharded checkpoint every N steps (0: only at the end, on Ctrl-C and on SIGTERM)")
-    p.add_argument("--keep-last", type=positive_int, default=keep_last,
+    p.add_argument("--keep-last", type=positive_int,
                    help="checkpoints kept (older ones are deleted once a newer one is complete)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/ckpt/latest (or the newest older one if it is damaged)")
-    p.add_argument("--seed", type=int, default=seed, help="model init, data order")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
-    p.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
-    p.add_argument("--log-every", type=positive_int, default=log_every, help="print a step line every N steps")
-    p.add_argument("--dist-timeout", type=positive_float, default=dist_timeout,
+    p.add_argument("--seed", type=int, help="model init, data order")
+    p.add_argument("--num-workers", type=non_negative_int, help="DataLoader worker processes")
+    p.add_argument("--log-every", type=positive_int, help="print a step line every N steps")
+    p.add_argument("--dist-timeout", type=positive_float,
                    help="seconds a rank waits for the others in a collective before the run fails")
-    p.add_argument("--template", choices=[t for t in TEMPLATES if t != "plain"], default=None,
-                   help="stage 2 conversation template (default vicuna_v1; e.g. mistral_instruct, qwen_1_5 "
-                        "for the LLM's own chat format); stage 1 is always plain")
-    p.add_argument("--image-mode", choices=("crop", "pad", "squash", "anyres"), default=None,
+    p.add_argument("--template", choices=TEMPLATES,
+                   help="conversation template (stage 1: plain; stage 2: e.g. mistral_instruct, qwen_1_5 "
+                        "for the LLM's own chat format)")
+    p.add_argument("--image-mode", choices=("crop", "pad", "squash", "anyres"),
                    help="image preprocessing (default: stage 1 the tower's own, crop for CLIP and squash for "
                         "SigLIP; stage 2 pad, LLaVA-1.5's)")
-    args = p.parse_args(argv)
-    stage = STAGES[args.stage]
-    args.template = "plain" if args.stage == 1 else args.template or stage["template"]
-    args.image_mode = args.image_mode or stage["image_mode"]
-    args.group_by_length = stage["group_by_length"] and not args.no_group_by_length
-    args.lr = stage["lr"] if args.lr is None else args.lr
-    args.global_batch = args.global_batch or stage["global_batch"]
-    args.data = args.data or os.path.join(data_dir, stage["data"])
-    args.image_folder = args.image_folder or os.path.join(data_dir, "images")
-    args.out = args.out or f"out/stage{args.stage}"
-    return args
+    p.set_defaults(**{**DEFAULTS, **STAGE.get(known.stage, {}), **(LORA if known.lora else {})})
+    return p.parse_args(argv)
 
 
 def check_inputs(args, world):
@@ -153,8 +181,11 @@ def check_inputs(args, world):
     if args.global_batch % per_step:
         raise ValueError(f"--global-batch {args.global_batch} is not divisible by --micro-batch {args.micro_batch} "
                          f"x {world} ranks = {per_step}; change one of them")
-    if args.train_vision_tower and args.stage == 1:
-        raise ValueError("--train-vision-tower is a stage-2 option (stage 1 trains the projector only)")
+    if args.stage == 1 and (args.train_vision_tower or args.lora or args.template != "plain"):
+        raise ValueError("--train-vision-tower, --lora and --template are stage-2 options (stage 1 trains the "
+                         "projector only, on captions in the plain template)")
+    if args.stage == 2 and args.template == "plain":
+        raise ValueError("--template plain is stage 1's (captions); stage 2 trains on conversations")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no GPU")
     if args.stage == 2:
@@ -183,7 +214,7 @@ def find_tokenizer(args):
 
 
 def param_group(name):
-    """Per-parameter-group learning rates: projector / LLM / vision tower."""
+    """Per-parameter-group learning rates: projector / LLM (and its LoRA adapters) / vision tower."""
     if name.startswith("vision_tower."):
         return "vision_tower"
     if name.startswith("language_model."):
@@ -200,178 +231,160 @@ def lr_lambda(step, total, warmup_ratio):
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def run_config(args, world):
-    """What a checkpoint must agree with to be resumed."""
-    keys = ("stage", "vision_tower", "llm", "data", "global_batch", "micro_batch", "max_length", "lr",
-            "train_vision_tower", "vision_lr", "seed", "schedule_steps", "epochs", "warmup_ratio",
-            "group_by_length", "template", "image_mode")
-    return dict({k: getattr(args, k) for k in keys}, world=world)
+def run_config(args):
+    """What a checkpoint must agree with to be resumed. Not the world size, the micro-batch or the
+    FSDP engine: they do not change the training."""
+    keys = ("stage", "vision_tower", "llm", "data", "global_batch", "max_length", "lr", "projector_lr",
+            "train_vision_tower", "vision_lr", "lora", "lora_r", "lora_alpha", "seed", "schedule_steps",
+            "epochs", "warmup_ratio", "group_by_length", "template", "image_mode", "dtype")
+    return {k: getattr(args, k) for k in keys}
 
 
 class BadInput(Exception):
     """A bad command line / path / checkpoint, found before any work."""
 
 
-# ---- checkpoints ----------------------------------------------------------------------------
-# OUT/ckpt/step_N/rank{r}.safetensors  rank r's master shards ("model.*"), AdamW state
-#                                      ("optimizer.<param>.<name>") and RNG states ("rng.*") as
-#                                      tensors; optimizer param groups, scheduler and the Python /
-#                                      NumPy RNG as JSON in the file's metadata. No pickle anywhere:
-#                                      a planted or tampered file is refused, never executed.
-# OUT/ckpt/step_N/meta.json            step, data position, skip counts, run config, layout.
-# OUT/ckpt/latest                      the name of the newest complete checkpoint.
+# ---- init -----------------------------------------------------------------------------------
 
-def training_state(fsdp, optimizer, scheduler):
-    """This rank's resumable state as (tensors, JSON-able dict)."""
-    opt = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in fsdp.sharded_state_dict().items()}
-    scalars = {}
-    for pid, state in opt["state"].items():
-        for name, v in state.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optimizer.{pid}.{name}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[name] = v
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    version, py_state, py_gauss = random.getstate()
-    _, mt, pos, has_gauss, gauss = np.random.get_state()
-    return tensors, {"param_groups": opt["param_groups"], "optimizer_scalars": scalars,
-                     "scheduler": scheduler.state_dict(),
-                     "rng": {"python": [version, list(py_state), py_gauss],
-                             "numpy": [mt.tolist(), int(pos), int(has_gauss), float(gauss)]}}
+def init_distributed(args):
+    """The default process group, for one rank too (FSDP and the step's all-reduce then need no
+    special case): torchrun's environment, else a one-rank group in memory. Returns the device."""
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend, timeout = "nccl" if args.device == "cuda" else "gloo", timedelta(seconds=args.dist_timeout)
+    if "MASTER_ADDR" in os.environ:                      # torchrun (or another launcher)
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_with_launcher()
+    return torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
 
 
-def read_rank_file(path, tensors=True):
-    """(tensors, state) of one rank's checkpoint file; a ValueError naming the file if it is
-    missing, truncated, not safetensors (e.g. a planted pickle) or not nanollava's."""
-    if not os.path.isfile(path):
-        pickled = path.removesuffix(".safetensors") + ".pt"
-        if os.path.isfile(pickled):
-            raise ValueError(f"{pickled} is a pickle file, which nanollava never loads (unpickling runs "
-                             "whatever code the file holds); this checkpoint was written by an older "
-                             "nanollava or planted: start a new run")
-        raise ValueError(f"{path} is missing")
-    try:
-        with safe_open(path, "pt") as f:
-            state = json.loads((f.metadata() or {})["nanollava"])
-            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else None), state
-    except Exception as e:  # SafetensorError (truncated, not safetensors), KeyError, JSONDecodeError
-        raise ValueError(f"{path} is damaged or not a nanollava checkpoint ({type(e).__name__}: {e})") from None
+def build_model(args, tok, device):
+    """LLaVA from the vision tower + the LLM (+ the stage-1 projector), with what trains switched
+    on: stage 1 the projector; stage 2 the projector + the LLM, or the LLM's LoRA adapters; the
+    tower with --train-vision-tower."""
+    # the exported model's template and image mode are stage 2's (stage 1 saves the projector alone)
+    model = load_from_parts(args.vision_tower, args.llm, device=device, image_token_id=tok.image_token_id,
+                            projector=stage1_projector(args.stage1_out) if args.stage == 2 else None,
+                            template=STAGE[2]["template"] if args.stage == 1 else args.template,
+                            image_aspect_ratio="pad" if args.stage == 1 else args.image_mode)
+    for name, p in model.named_parameters():
+        group = param_group(name)
+        p.requires_grad_(group == "projector" or (args.stage == 2 and group == "llm" and not args.lora)
+                         or (args.train_vision_tower and group == "vision_tower"))
+    if args.lora:
+        add_lora(model, args.lora_r, args.lora_alpha)    # new adapters, trainable, in the "llm" group
+    model.gradient_checkpointing = args.grad_checkpointing
+    return model.train()
 
 
-def check_checkpoint(ckpt_dir):
-    """meta.json of a checkpoint, once every rank file of it has been found intact (headers only)."""
-    path = os.path.join(ckpt_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} is missing")
-    meta = load_json_object(path)
-    for key, kind in (("step", int), ("data", dict), ("config", dict), ("layout", dict)):
-        if not isinstance(meta.get(key), kind):
-            raise ValueError(f"{path}: {key!r} is missing or not a {kind.__name__}")
-    if not all(isinstance(meta["data"].get(k), int) for k in ("epoch", "micro_pos")):
-        raise ValueError(f"{path}: data.epoch / data.micro_pos missing or not integers")
-    world = meta["layout"].get("world")
-    if not isinstance(world, int) or world < 1:
-        raise ValueError(f"{path}: layout.world is {world!r}, not a rank count")
-    for r in range(world):
-        read_rank_file(os.path.join(ckpt_dir, f"rank{r}.safetensors"), tensors=False)
-    return meta
+def shard(model, args, device):
+    """ZeRO-3 over the ranks with the same units for both engines: each LLM decoder block and each
+    vision block; the root holds the rest. nanollava's FSDP returns its object (it owns the
+    root's gradient reduction); FSDP2 shards the model in place (None)."""
+    units = list(model.language_model.model.layers) + list(model.vision_tower.vision_model.encoder.layers)
+    param_dtype = getattr(torch, args.dtype)
+    if args.fsdp == "nano":
+        return PrefetchFSDP(model, units, group_fn=param_group, param_dtype=param_dtype, device=device)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for module in units + [model]:
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+    return None
 
 
-def read_checkpoint_meta(out, config):
-    """(directory, meta) of the checkpoint --resume continues from, checked against this run's
-    config before any work: OUT/ckpt/latest, or the newest older complete one when a file of the
-    latest is damaged (with a warning). Every rank reads the same files and makes the same choice."""
-    ckpt = os.path.join(out, "ckpt")
-    latest = os.path.join(ckpt, "latest")
-    if not os.path.isfile(latest):
-        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt} (no 'latest' file)")
-    with open(latest) as f:
-        name = f.read().strip()
-    older = sorted((d for d in os.listdir(ckpt) if re.fullmatch(r"step_\d{7}", d) and d < name), reverse=True)
-    problems = [] if re.fullmatch(r"step_\d{7}", name) else [f"{latest} names {name!r}, not a checkpoint"]
-    for d in ([name] if not problems else []) + older:
-        try:
-            meta = check_checkpoint(os.path.join(ckpt, d))
-        except ValueError as e:
-            problems.append(str(e))
-            continue
-        if problems and int(os.environ.get("RANK", "0")) == 0:
-            print(f"warning: --resume: {problems[0]}; falling back to {os.path.join(ckpt, d)}", file=sys.stderr)
-        diff = {k: (meta["config"].get(k), v) for k, v in config.items() if meta["config"].get(k) != v}
-        if diff:
-            lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"--resume: the checkpoint in {os.path.join(ckpt, d)} is from another "
-                             f"configuration ({lines})")
-        return os.path.join(ckpt, d), meta
-    raise ValueError(f"--resume: {problems[0]}; no older complete checkpoint to fall back to "
-                     f"(--keep-last 2 or more keeps one)")
+def make_optimizer(model, args):
+    """AdamW over the trainable parameters as the engine holds them (nanollava's flat shards,
+    FSDP2's DTensors), one param group per learning rate: projector, LLM, vision tower."""
+    lrs = {"projector": args.projector_lr or args.lr, "llm": args.lr, "vision_tower": args.vision_lr}
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(param_group(name), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lrs[g], "name": g} for g, ps in groups.items()],
+                             betas=args.betas, weight_decay=args.weight_decay, eps=args.eps)
 
 
-def save_checkpoint(out, step, fsdp, optimizer, scheduler, data_state, config, rank, world, keep_last=keep_last):
-    """Every rank writes ckpt/step_N.partial/rank{r}.safetensors (tmp, fsync, rename); rank 0 then
-    adds meta.json, renames the directory to step_N and switches ckpt/latest to it (the commit
-    point). Only then are checkpoints beyond the newest keep_last deleted, so a crash at any moment
-    leaves the previous checkpoint complete and current."""
-    ckpt = os.path.join(out, "ckpt")
-    name = f"step_{step:07d}"
-    partial_dir = os.path.join(ckpt, name + ".partial")
-    os.makedirs(partial_dir, exist_ok=True)
-    tensors, state = training_state(fsdp, optimizer, scheduler)
-    path = os.path.join(partial_dir, f"rank{rank}.safetensors")
-    with files.replacing(path) as tmp:
-        try:
-            save_file(tensors, tmp, metadata={"nanollava": json.dumps(state)})
-            read_rank_file(tmp, tensors=False)            # a short write must not pass for a checkpoint
-        except Exception as e:  # SafetensorError carries the I/O error (a full disk) as text
-            raise OSError(str(e)) from None
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        with files.atomic_write(os.path.join(partial_dir, "meta.json")) as f:
-            json.dump({"step": step, "data": data_state, "config": config, "layout": fsdp.layout()}, f)
-        final = os.path.join(ckpt, name)
-        if os.path.isdir(final):                          # a damaged one --resume fell back from
-            shutil.rmtree(final)
-        os.replace(partial_dir, final)
-        with files.atomic_write(os.path.join(ckpt, "latest")) as f:
-            f.write(name)                                 # the commit point
-        kept = sorted((d for d in os.listdir(ckpt) if re.fullmatch(r"step_\d{7}", d) and d < name),
-                      reverse=True)[:keep_last - 1] + [name]
-        for old in os.listdir(ckpt):                      # older, abandoned (> name) and partial ones
-            if old.startswith("step_") and old not in kept:
-                shutil.rmtree(os.path.join(ckpt, old), ignore_errors=True)
-    if world > 1:
-        dist.barrier()
-    return os.path.join(ckpt, name)
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm):
+    """torch's clip_grad_norm_ over sharded gradients: the global L2 norm is the square root of
+    the all-reduced sums of squares of every rank's shards."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    sq = torch.zeros((), device=params[0].device)
+    for g in grads:
+        sq += g.float().pow(2).sum()
+    dist.all_reduce(sq)
+    norm = sq.sqrt()
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
-def load_checkpoint(ckpt_dir, meta, fsdp, optimizer, scheduler, rank):
-    if meta["layout"] != json.loads(json.dumps(fsdp.layout())):
-        raise ValueError(f"--resume: {ckpt_dir} was written for another model/parameter layout")
-    path = os.path.join(ckpt_dir, f"rank{rank}.safetensors")
-    tensors, state = read_rank_file(path)
-    try:
-        fsdp.load_sharded_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        opt = {int(pid): dict(v) for pid, v in state["optimizer_scalars"].items()}
-        for key, v in tensors.items():
-            if key.startswith("optimizer."):
-                _, pid, name = key.split(".", 2)
-                opt.setdefault(int(pid), {})[name] = v
-        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in state["param_groups"]]
-        optimizer.load_state_dict({"state": opt, "param_groups": groups})   # also each group's current lr
-        scheduler.load_state_dict(state["scheduler"])
-        version, py_state, py_gauss = state["rng"]["python"]
-        random.setstate((version, tuple(py_state), py_gauss))
-        mt, pos, has_gauss, gauss = state["rng"]["numpy"]
-        np.random.set_state(("MT19937", np.array(mt, dtype=np.uint32), pos, has_gauss, gauss))
-        torch.set_rng_state(tensors["rng.torch"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise ValueError(f"--resume: {path} does not fit this run ({type(e).__name__}: {e})") from None
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+def local_bytes(params, optimizer):
+    """Bytes this rank holds of the sharded training state: master weights, gradients, AdamW."""
+    n = 0
+    for p in params:
+        for t in (p, p.grad, *optimizer.state.get(p, {}).values()):
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                n += local(t).numel() * local(t).element_size()
+    return n
+
+
+def data_steps(dataset, lengths, args, rank, world, position, pad_id):
+    """(epoch, global batches done in it, this rank's micro-batches of the step), step after step
+    from position = (epoch, global batches done): the resumable data order. Every global batch is
+    the same set of samples whatever the world size and micro-batch (data.global_batches)."""
+    epoch, done = position
+    accum = args.global_batch // (args.micro_batch * world)
+    while True:
+        batches = global_batches(lengths, args.global_batch, args.seed, epoch, args.group_by_length)
+        micro = [m for b in batches[done:] for m in rank_micro_batches(b, world, rank, args.micro_batch)]
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=micro, num_workers=args.num_workers,
+                                                  collate_fn=partial(collate, pad_id=pad_id),
+                                                  worker_init_fn=ignore_sigint))
+        for k in range(done, len(batches)):
+            yield epoch, k + 1, [next(loader) for _ in range(accum)]
+        epoch, done = epoch + 1, 0
+
+
+# ---- save: the trained model, whole --------------------------------------------------------
+
+def full_state_dict(model, fsdp):
+    """Every weight whole, fp32, on CPU, on every rank (all ranks take part in the gathers)."""
+    if fsdp is not None:
+        sd = fsdp.full_state_dict()
+    else:
+        sd = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
+    return {n: t.detach().float().cpu() for n, t in sd.items()}
+
+
+def export(model, fsdp, args, master_process):
+    """Stage 1: the projector (safetensors and the original's .bin); stage 2: OUT/final in the
+    llava-hf layout, LoRA adapters merged in (and OUT/adapters.safetensors: the adapters and the
+    projector alone)."""
+    sd = full_state_dict(model, fsdp)
+    if not master_process:
+        return
+    plain = build(model.config)                          # the unsharded model, on the meta device
+    if args.lora:
+        add_lora(plain, args.lora_r, args.lora_alpha)
+    plain.load_state_dict(sd, assign=True)
+    if args.stage == 1:
+        save_projector(plain, os.path.join(args.out, "mm_projector.safetensors"))
+        save_original_projector(plain, os.path.join(args.out, "mm_projector.bin"))
+        return
+    if args.lora:
+        save_adapters(plain, os.path.join(args.out, "adapters.safetensors"))
+        merge_lora(plain)
+    final = os.path.join(args.out, "final")
+    plain.save_pretrained(final)
+    shutil.copy(find_tokenizer(args), os.path.join(final, "tokenizer.json"))
 
 
 def save_original_projector(model, path):
@@ -417,19 +430,6 @@ def elapsed(t0, device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.time() - t0
-
-
-def no_image_term(model, device):
-    """0 x the tower + projector on one zero image, added to the loss of a micro-batch without
-    images (as the original LLaVA feeds text-only samples a zero image): every rank then runs
-    the same FSDP units and collectives whatever its micro-batch holds. It runs before the
-    model's own forward, as the tower does for images, so backward visits the units in the same
-    order on every rank."""
-    S = model.config.vision.image_size
-    term = 0 * model.project_images(torch.zeros(1, 3, S, S, device=device)).sum()
-    if getattr(model, "image_newline", None) is not None:              # AnyRes
-        term = term + 0 * model.image_newline.sum()
-    return term
 
 
 def memory_string(device):
@@ -487,14 +487,13 @@ def exit_with_launcher():
 SKIP_KINDS = ("FileNotFoundError", "ValueError", "OSError", "MemoryError")
 
 
-def sync_step(loss_sum, tokens, stop, skips, world):
-    """One all-reduce per step: mean loss, total tokens, "any rank was signalled", and the records
+def sync_step(loss_sum, tokens, stop, skips):
+    """One all-reduce per step: the loss sum, the tokens, "any rank was signalled", and the records
     every rank skipped this step, by kind (SKIP_KINDS)."""
     stats = torch.stack([loss_sum, tokens, torch.tensor(float(stop), device=tokens.device),
                          *[torch.tensor(float(skips.get(k, 0)), device=tokens.device) for k in SKIP_KINDS]])
-    if world > 1:
-        dist.all_reduce(stats)
-    return stats[0] / world, stats[1], bool(stats[2] > 0), {k: int(n) for k, n in zip(SKIP_KINDS, stats[3:]) if n}
+    dist.all_reduce(stats)
+    return stats[0], stats[1], bool(stats[2] > 0), {k: int(n) for k, n in zip(SKIP_KINDS, stats[3:]) if n}
 
 
 def read_metrics(path, step):
@@ -523,63 +522,42 @@ def main(argv=None):
     finally:
         for s, handler in handlers.items():              # also when run() raised mid-loop
             signal.signal(s, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ddp = world > 1
-    config = run_config(args, world)
+    config = run_config(args)
     try:                                                 # bad input fails here, before any work
         check_inputs(args, world)
-        resume = read_checkpoint_meta(args.out, config) if args.resume else None
+        resume = train_checkpoint.find(args.out, config) if args.resume else None
     except (FileNotFoundError, ValueError) as e:
         raise BadInput(str(e)) from e
 
     # ---- init
-    if ddp:
-        if args.device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo",
-                                timeout=timedelta(seconds=args.dist_timeout))
-        if "TORCHELASTIC_RUN_ID" in os.environ:        # started by torchrun
-            exit_with_launcher()
-    rank = dist.get_rank() if ddp else 0
+    device = init_distributed(args)
+    rank = dist.get_rank()
     master_process = rank == 0
-    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)                         # same on every rank: identical fresh projector
+    torch.manual_seed(args.seed)                         # same on every rank: identical fresh weights
     accum = args.global_batch // (args.micro_batch * world)
-
     tok = Tokenizer.from_file(find_tokenizer(args))
-    projector = stage1_projector(args.stage1_out) if args.stage == 2 else None
-    # the exported model's template and image mode are stage 2's (stage 1 saves the projector alone)
-    model = load_from_parts(args.vision_tower, args.llm, projector=projector, device=device,
-                            image_token_id=tok.image_token_id, template=STAGES[2]["template"] if args.stage == 1
-                            else args.template, image_aspect_ratio="pad" if args.stage == 1 else args.image_mode)
-    # freezing: stage 1 = projector only; stage 2 = projector + LLM (+ tower if asked)
-    for name, p in model.named_parameters():
-        group = param_group(name)
-        p.requires_grad_(group == "projector" or (args.stage == 2 and group == "llm")
-                         or (args.train_vision_tower and group == "vision_tower"))
-    model.gradient_checkpointing = args.grad_checkpointing
-    model.train()
+    model = build_model(args, tok, device)
     model_numel = sum(p.numel() for p in model.parameters())
     llm_numel = sum(p.numel() for p in model.language_model.parameters())
     trainable_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # FSDP units: each LLM decoder block and each CLIP block; the rest is the always-gathered root
-    units = list(model.language_model.model.layers) + list(model.vision_tower.vision_model.encoder.layers)
-    fsdp = FSDP(model, units, group_fn=param_group, device=device)
-    lrs = {"projector": args.lr, "llm": args.lr, "vision_tower": args.vision_lr}
-    optimizer = fsdp.optimizer(lrs, betas=betas, weight_decay=weight_decay, eps=1e-8)
+    fsdp = shard(model, args, device)
+    optimizer = make_optimizer(model, args)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    pieces, weights = train_checkpoint.pieces(model, fsdp)   # what a checkpoint holds of this rank
 
     try:                                                 # a malformed data file: a clear error too
         mode = args.image_mode or VISION_TOWER_DEFAULTS[model.config.vision.model_type]["processor_mode"]
         dataset = LLaVADataset(args.data, args.image_folder, tok, model.config, template=args.template,
                                max_length=args.max_length, mode=mode)
-        sampler = LengthGroupedSampler(dataset.lengths, args.micro_batch, world, rank, seed=args.seed,
-                                       group_by_length=args.group_by_length)
-        steps_per_epoch = len(sampler) // args.micro_batch // accum
+        steps_per_epoch = len(dataset) // args.global_batch
         if steps_per_epoch == 0:
             raise ValueError(f"{args.data}: {len(dataset)} samples are fewer than one global batch "
                              f"of {args.global_batch}")
@@ -590,15 +568,15 @@ def run(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_lambda, total=total_steps, warmup_ratio=args.warmup_ratio))
 
-    step, epoch, micro_pos = 0, 0, 0                      # micro_pos: micro-batches used this epoch
-    skipped = Counter()                                   # records skipped so far, all ranks, by kind
+    step, position = 0, (0, 0)                           # position: (epoch, global batches done in it)
+    skipped = Counter()                                  # records skipped so far, all ranks, by kind
     if resume is not None:
         ckpt_dir, meta = resume
         try:
-            load_checkpoint(ckpt_dir, meta, fsdp, optimizer, scheduler, rank)
+            train_checkpoint.load(ckpt_dir, meta, pieces, weights, optimizer, scheduler)
         except ValueError as e:
             raise BadInput(str(e)) from e
-        step, epoch, micro_pos = meta["step"], meta["data"]["epoch"], meta["data"]["micro_pos"]
+        step, position = meta["step"], (meta["data"]["epoch"], meta["data"]["batch"])
         skipped.update(meta["data"].get("skipped", {}))
     saved_step = step if resume is not None else None
     if master_process:
@@ -607,68 +585,62 @@ def run(args):
         kept = read_metrics(metrics_path, step) if resume is not None and os.path.exists(metrics_path) else []
         with files.atomic_write(metrics_path) as f:
             f.writelines(kept)
-        print(f"stage {args.stage}: {trainable_numel:,} of {model_numel:,} params trainable, {world} rank(s), "
-              f"global batch {args.global_batch} = {args.micro_batch} x {world} x {accum} accumulation, "
-              f"{total_steps} scheduled steps, {len(dataset)} samples, FSDP bytes/rank {fsdp.local_bytes():,}")
+        print(f"stage {args.stage}: {trainable_numel:,} of {model_numel:,} params trainable"
+              f"{' (LoRA)' if args.lora else ''}, {world} rank(s), --fsdp {args.fsdp}, global batch "
+              f"{args.global_batch} = {args.micro_batch} x {world} x {accum} accumulation, {total_steps} "
+              f"scheduled steps, {len(dataset)} samples, sharded bytes/rank {local_bytes(params, optimizer):,}")
 
-    def micro_batches():
-        """Micro-batches across epochs, starting at (epoch, micro_pos): the resumable data order."""
-        nonlocal epoch, micro_pos
-        while True:
-            sampler.set_epoch(epoch, start_index=micro_pos * args.micro_batch)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch, sampler=sampler,
-                                                 collate_fn=partial(collate, pad_id=tok.pad_id),
-                                                 num_workers=args.num_workers, drop_last=True,
-                                                 worker_init_fn=ignore_sigint)
-            for batch in loader:
-                micro_pos += 1
-                yield batch
-            epoch, micro_pos = epoch + 1, 0
-
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     fpt = flops_per_token(model_numel, llm_numel, trainable_numel)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    batches = micro_batches()
+    data = data_steps(dataset, dataset.lengths, args, rank, world, position, tok.pad_id)
     bar = tqdm(total=max_steps, initial=step, disable=not master_process, desc=f"stage {args.stage}",
                dynamic_ncols=True)
     t_start, steps_done = time.time(), 0
     stop = StopSignals()
     while step < max_steps:
         t0 = time.time()
+        try:
+            epoch, batch, micro_batches = next(data)
+        except DataError as e:                           # from a worker: the message ends in ours
+            raise BadInput(str(e).strip().splitlines()[-1].split("DataError: ")[-1]) from e
+        step_skips = Counter()
+        for b in micro_batches:
+            step_skips.update(b.pop("skipped"))
+        micro_batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                         for b in micro_batches]
+        # the step's loss: the sum of the global batch's token losses over its count of
+        # supervised tokens, so that neither the world size nor the micro-batch changes it
+        n_supervised = torch.stack([supervised_tokens(b["labels"]) for b in micro_batches]).sum().float()
+        dist.all_reduce(n_supervised)
+        n_supervised = n_supervised.clamp(min=1)
         loss_sum = torch.zeros((), device=device)
         tokens = torch.zeros((), device=device)
-        step_skips = Counter()
-        for _ in range(accum):
-            try:
-                batch = next(batches)
-            except DataError as e:                       # from a worker: the message ends in ours
-                raise BadInput(str(e).strip().splitlines()[-1].split("DataError: ")[-1]) from e
-            step_skips.update(batch.pop("skipped"))
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for b in micro_batches:
             with autocast:
-                extra = no_image_term(model, device) if batch["pixel_values"] is None else 0
-                loss = model.loss(batch["input_ids"], batch["labels"], batch["pixel_values"],
-                                  batch["image_sizes"], batch["attention_mask"])
-            ((loss + extra) / accum).backward()
-            loss_sum += loss.detach() / accum
-            tokens += batch["attention_mask"].sum()
-        grad_norm = fsdp.clip_grad_norm_(args.grad_clip)
+                loss = model.loss(b["input_ids"], b["labels"], b["pixel_values"], b["image_sizes"],
+                                  b["attention_mask"], reduction="sum")
+            (loss * world / n_supervised).backward()     # x world: FSDP averages the ranks' gradients
+            loss_sum += loss.detach()
+            tokens += b["attention_mask"].sum()
+        if fsdp is not None:
+            fsdp.reduce_grads()                          # nanollava's FSDP: the root's gradients
+        grad_norm = clip_grad_norm_(params, args.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
-        fsdp_bytes = fsdp.local_bytes(optimizer)         # master shards + grads + AdamW, this rank
+        sharded_bytes = local_bytes(params, optimizer)   # master shards + grads + AdamW, this rank
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_sum, tokens, stopping, step_skips = sync_step(loss_sum, tokens, stop.signum is not None, step_skips,
-                                                           world)
+        loss_sum, tokens, stopping, step_skips = sync_step(loss_sum, tokens, stop.signum is not None, step_skips)
         skipped.update(step_skips)
         dt = elapsed(t0, device)
         steps_done += 1
         if master_process:
             tok_s = tokens.item() / dt
-            rec = {"step": step, "loss": round(loss_sum.item(), 6), "lr": lr, "tokens_per_s": round(tok_s, 1),
-                   "grad_norm": round(grad_norm.item(), 4), "dt": round(dt, 4), "fsdp_bytes": fsdp_bytes,
-                   "skipped": sum(skipped.values()), "skipped_by_kind": dict(skipped)}
+            rec = {"step": step, "loss": round((loss_sum / n_supervised).item(), 6), "lr": lr,
+                   "tokens_per_s": round(tok_s, 1), "grad_norm": round(grad_norm.item(), 4), "dt": round(dt, 4),
+                   "fsdp_bytes": sharded_bytes, "skipped": sum(skipped.values()), "skipped_by_kind": dict(skipped)}
             mfu = fpt * tok_s / (peak * world) if peak else None
             if mfu is not None:
                 rec["mfu"] = round(mfu, 4)
@@ -683,9 +655,8 @@ def run(args):
                            + (f" | skipped {sum(skipped.values())}" if skipped else ""))
         if ((args.save_every and step % args.save_every == 0) or step == max_steps or stopping) \
                 and step != saved_step:
-            save_checkpoint(args.out, step, fsdp, optimizer, scheduler,
-                            {"epoch": epoch, "micro_pos": micro_pos, "skipped": dict(skipped)},
-                            config, rank, world, args.keep_last)
+            train_checkpoint.save(args.out, step, pieces, weights, optimizer, scheduler,
+                                  {"epoch": epoch, "batch": batch, "skipped": dict(skipped)}, config, args.keep_last)
             saved_step = step
         if stopping and step < max_steps:               # (a signal in the last step: just finish)
             bar.close()
@@ -696,24 +667,15 @@ def run(args):
     stop.restore()
     bar.close()
 
-    # ---- export: consolidate the shards into a plain model
-    model = fsdp.unwrap()
+    # ---- save
+    export(model, fsdp, args, master_process)
     if master_process:
-        if args.stage == 1:
-            save_projector(model, os.path.join(args.out, "mm_projector.safetensors"))
-            save_original_projector(model, os.path.join(args.out, "mm_projector.bin"))
-        else:
-            final = os.path.join(args.out, "final")
-            model.save_pretrained(final)
-            shutil.copy(find_tokenizer(args), os.path.join(final, "tokenizer.json"))
         with open(metrics_path) as f:
             records = [json.loads(l) for l in f]
         if records:
             from nanollava import plots
             plots.training_curves(records, os.path.join(args.out, "loss.png"), f"stage {args.stage}")
         print(f"done: {args.out}" + ("" if args.stage == 1 else f" (model: {args.out}/final)"))
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ and forward + backward, prints TFLOP/s (causal counts half the score matrix) and
 (PyTorch time / Triton time; > 1 means Triton is faster).
 RMSNorm: rms_norm vs torch.nn.RMSNorm and the eager HF-order reference, forward / backward in
 GB/s of compulsory traffic.
+--json PATH also writes every row as JSON (bench/gpu.py reads it against the targets).
 On a machine without CUDA it says so and exits 0.
 """
 import argparse
+import json
 import sys
 
 import torch
@@ -30,6 +32,7 @@ ATTENTION_CASES = [
 ]
 # (name, rows, hidden): 16k tokens x LLaMA-7B hidden, bf16 x and weight
 RMS_NORM_CASES = [("LLaMA-7B hidden, 16k tokens", 16384, 4096)]
+ROWS = []          # every printed row, for --json
 
 
 def _time_ms(fn):
@@ -81,6 +84,8 @@ def bench_attention(dtype):
         for pass_name, f, a, b in zip(("fwd", "bwd", "fwd+bwd"), flops, t_triton, t_sdpa):
             print(f"{name:32s} {pass_name:8s} {a:10.3f} {f / a / 1e9:8.1f} {b:9.3f} "
                   f"{f / b / 1e9:8.1f} {b / a:7.2f}x")
+            ROWS.append({"kernel": "attention", "case": name, "pass": pass_name, "triton_ms": a, "sdpa_ms": b,
+                         "triton_tflops": f / a / 1e9, "speedup": b / a})
         print(f"{'':32s} max |triton - sdpa| forward = {err:.3g}")
 
 
@@ -104,12 +109,15 @@ def bench_rms_norm(dtype):
                 t = times[label][i]
                 print(f"{name:32s} {pass_name:5s} {label:14s} {t:8.3f} {nbytes / t / 1e6:8.1f} "
                       f"{t / times['triton'][i]:7.2f}x")
+                ROWS.append({"kernel": "rms_norm", "case": name, "pass": pass_name, "impl": label, "ms": t,
+                             "gbps": nbytes / t / 1e6, "speedup": t / times["triton"][i]})
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["attention", "rms_norm"], help="run one kernel only")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="input dtype")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels/bench.py needs a CUDA GPU and none is available: nothing measured.")
@@ -120,6 +128,9 @@ def main(argv=None):
         bench_attention(dtype)
     if args.only in (None, "rms_norm"):
         bench_rms_norm(dtype)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "dtype": args.dtype, "rows": ROWS}, f, indent=1)
     return 0
 
 

@@ -53,17 +53,13 @@ def _check_triton_device(x):
                            "TRITON_INTERPRET=1 before importing triton to run the interpreter")
 
 
-def attention(q, k, v, causal=False, key_padding_mask=None, scale=None, segment_ids=None):
-    """Scaled dot-product attention, q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D).
-
-    segment_ids (B, T) int, T == S: sequences packed into one row, -1 = padding
-    (kernels.segment_ids_from_cu_seqlens builds it from FlashAttention's cu_seqlens).
-    """
+def attention(q, k, v, causal=False, key_padding_mask=None, scale=None):
+    """Scaled dot-product attention, q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D)."""
     if use_triton(q, attention=True):
         _check_triton_device(q)
         return flash_attention(q, k, v, causal=causal, scale=scale,
-                               key_padding_mask=key_padding_mask, segment_ids=segment_ids)
-    return attention_reference(q, k, v, causal, key_padding_mask, scale, segment_ids)
+                               key_padding_mask=key_padding_mask)
+    return attention_reference(q, k, v, causal, key_padding_mask, scale)
 
 
 def rms_norm(x, weight, eps):

@@ -16,11 +16,6 @@ Beyond the paper:
     that follows a KV cache (T < S) sees the whole cache.
   - key_padding_mask (B, S) bool, True = real key. A query row that sees no key at all outputs 0
     and gets zero gradient: its L is stored as +inf, which makes every recomputed P zero.
-  - segment_ids (B, T) int, T == S: several sequences packed into one row (document masking, the
-    varlen / cu_seqlens case). Query i sees key j only if their ids are equal; id -1 (any negative)
-    is padding, which sees nothing and is seen by nobody. Every program loads the ids of its
-    query block and of each key block and ANDs the comparison into the same mask as above. Tiles
-    that straddle two sequences are computed and masked, not skipped.
   - any T, S (loads and stores are masked at block edges, e.g. ViT's 577 tokens) and any head dim
     (the head dim is padded to BLOCK_D = next power of two with masks: 64, 80, 96, 128, ...).
   - fp32 / fp16 / bf16 inputs; matmuls accumulate in fp32, the softmax runs in fp32.
@@ -33,8 +28,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from nanollava.kernels.reference import check_segment_ids
 
 LOG2E = 1.4426950408889634
 
@@ -60,39 +53,26 @@ def _key_ok(KPM_row, offs_n, S, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _segment_ids(SEG_row, offs, N, HAS_SEG: tl.constexpr):
-    """Segment ids of positions offs (any shape); -1 (padding) past N; unused zeros without SEG."""
-    if HAS_SEG:
-        ids = tl.load(SEG_row + offs, mask=offs < N, other=-1)
-    else:
-        ids = tl.zeros_like(offs)
-    return ids
-
-
-@triton.jit
-def _valid_mask(offs_q, offs_k, key_ok, seg_q, seg_k, T, S, CAUSAL: tl.constexpr,
-                HAS_SEG: tl.constexpr):
+def _valid_mask(offs_q, offs_k, key_ok, T, S, CAUSAL: tl.constexpr):
     """Bool tile: query offs_q may attend key offs_k. Index tensors come pre-broadcast, (M, 1) x
     (1, N) for a score tile or (1, M) x (N, 1) for a transposed one, so no tile is transposed."""
     valid = (offs_q < T) & key_ok
     if CAUSAL:
         valid = valid & (offs_k <= offs_q + (S - T))                          # bottom-right aligned
-    if HAS_SEG:
-        valid = valid & (seg_q == seg_k) & (seg_k >= 0)                       # same seq, not pad
     return valid
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, L, KPM, SEG,
+    Q, K, V, O, L, KPM,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    stride_kpmb, stride_segb,
+    stride_kpmb,
     H, T, S, D, qk_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Algorithm 1: one program = one (batch, query head, block of BLOCK_M query rows)."""
@@ -113,8 +93,6 @@ def _fwd_kernel(
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
     kpm_row = KPM + b * stride_kpmb
-    seg_row = SEG + b * stride_segb
-    seg_q = _segment_ids(seg_row, offs_m[:, None], T, HAS_SEG)                # (BLOCK_M, 1)
 
     # Alg 1 line 5: running max m, running sum l, unnormalised output acc (all fp32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -135,9 +113,7 @@ def _fwd_kernel(
         # Alg 1 line 8: S_ij = Q_i K_j^T (scaled, base 2), masked keys -> -inf
         qk = _dot(q, kT, DOT_PRECISION, UPCAST_DOT) * qk_scale
         key_ok = _key_ok(kpm_row, offs_n[None, :], S, HAS_KPM)
-        seg_k = _segment_ids(seg_row, offs_n[None, :], S, HAS_SEG)
-        valid = _valid_mask(offs_m[:, None], offs_n[None, :], key_ok, seg_q, seg_k, T, S, CAUSAL,
-                            HAS_SEG)
+        valid = _valid_mask(offs_m[:, None], offs_n[None, :], key_ok, T, S, CAUSAL)
         qk = tl.where(valid, qk, float("-inf"))
         # Alg 1 line 9: new running max; a row that has seen no key yet keeps m = -inf, and we
         # subtract 0 instead so that exp2(-inf - -inf) = NaN never happens
@@ -178,17 +154,17 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, H, T, 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, L, DELTA, KPM, SEG, DK, DV,
+    Q, K, V, DO, L, DELTA, KPM, DK, DV,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    stride_kpmb, stride_segb,
+    stride_kpmb,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
     H, T, S, D, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Alg 2 outer loop: one program = one (batch, kv head, block of BLOCK_N keys); loops over the
@@ -218,8 +194,6 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     key_okT = _key_ok(KPM + b * stride_kpmb, offs_n[:, None], S, HAS_KPM)     # (BLOCK_N, 1), once
-    seg_row = SEG + b * stride_segb
-    seg_kT = _segment_ids(seg_row, offs_n[:, None], S, HAS_SEG)               # (BLOCK_N, 1), once
 
     # causal: query i sees key j iff i >= j - (S - T); earlier query blocks contribute nothing
     lo = 0
@@ -243,9 +217,7 @@ def _bwd_dkdv_kernel(
             delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
             # Alg 2 lines 9-10: recompute P_ij^T = exp(S_ij^T - L_i) (zero where masked)
             qkT = _dot(k, qT, DOT_PRECISION, UPCAST_DOT) * qk_scale   # (BLOCK_N, BLOCK_M)
-            seg_qT = _segment_ids(seg_row, offs_m[None, :], T, HAS_SEG)       # (1, BLOCK_M)
-            validT = _valid_mask(offs_m[None, :], offs_n[:, None], key_okT, seg_qT, seg_kT, T, S,
-                                 CAUSAL, HAS_SEG)
+            validT = _valid_mask(offs_m[None, :], offs_n[:, None], key_okT, T, S, CAUSAL)
             pT = tl.exp2(tl.where(validT, qkT, float("-inf")) - lse[None, :])
             # Alg 2 line 11: dV_j += P_ij^T dO_i
             dv += _dot(pT.to(doT.dtype), tl.trans(doT), DOT_PRECISION, UPCAST_DOT)
@@ -265,16 +237,16 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, L, DELTA, KPM, SEG, DQ,
+    Q, K, V, DO, L, DELTA, KPM, DQ,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    stride_kpmb, stride_segb,
+    stride_kpmb,
     stride_dqb, stride_dqh, stride_dqt,
     H, T, S, D, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ_i = sum_j dS_ij K_j: one program = one (batch, query head, block of BLOCK_M rows).
@@ -305,8 +277,6 @@ def _bwd_dq_kernel(
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
     kpm_row = KPM + b * stride_kpmb
-    seg_row = SEG + b * stride_segb
-    seg_q = _segment_ids(seg_row, offs_m[:, None], T, HAS_SEG)                # (BLOCK_M, 1)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     hi = S
@@ -321,9 +291,7 @@ def _bwd_dq_kernel(
         # recompute P_ij = exp(S_ij - L_i); dP_ij = dO_i V_j^T; dS_ij = P_ij * (dP_ij - D_i)
         qk = _dot(q, kT, DOT_PRECISION, UPCAST_DOT) * qk_scale
         key_ok = _key_ok(kpm_row, offs_n[None, :], S, HAS_KPM)
-        seg_k = _segment_ids(seg_row, offs_n[None, :], S, HAS_SEG)
-        valid = _valid_mask(offs_m[:, None], offs_n[None, :], key_ok, seg_q, seg_k, T, S, CAUSAL,
-                            HAS_SEG)
+        valid = _valid_mask(offs_m[:, None], offs_n[None, :], key_ok, T, S, CAUSAL)
         p = tl.exp2(tl.where(valid, qk, float("-inf")) - lse[:, None])
         dp = _dot(do, vT, DOT_PRECISION, UPCAST_DOT)
         ds = p * (dp - delta[:, None])
@@ -375,7 +343,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     """autograd wrapper: forward saves (q, k, v, o, L); backward runs the three kernels."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, key_padding_mask, segment_ids, block_m, block_n):
+    def forward(ctx, q, k, v, causal, scale, key_padding_mask, block_m, block_n):
         B, H, T, D = q.shape
         H_kv, S = k.shape[1], k.shape[2]
         BLOCK_D, tiles, num_warps = _tiles(D, block_m, block_n)
@@ -383,38 +351,34 @@ class FlashAttentionFunction(torch.autograd.Function):
         o = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)        # (B, Hq, T, D)
         lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)   # base-2 log-sum-exp
         kpm = key_padding_mask if key_padding_mask is not None else q         # dummy when unused
-        seg = segment_ids if segment_ids is not None else q
         precision, upcast = _dot_settings(q)
         grid = (triton.cdiv(T, fwd_m), B * H)
         _fwd_kernel[grid](
-            q, k, v, o, lse, kpm, seg,
+            q, k, v, o, lse, kpm,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
-            kpm.stride(0), seg.stride(0),
+            kpm.stride(0),
             H, T, S, D, scale * LOG2E,
             GROUP=H // H_kv, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
-            HAS_SEG=segment_ids is not None,
             DOT_PRECISION=precision, UPCAST_DOT=upcast, BLOCK_M=fwd_m, BLOCK_N=fwd_n, BLOCK_D=BLOCK_D,
             **_launch_settings(num_warps, q.dtype),
         )
-        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, segment_ids)
+        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
         ctx.causal, ctx.scale, ctx.block_m, ctx.block_n = causal, scale, block_m, block_n
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, key_padding_mask, segment_ids = ctx.saved_tensors
+        q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
         B, H, T, D = q.shape
         H_kv, S = k.shape[1], k.shape[2]
         BLOCK_D, tiles, num_warps = _tiles(D, ctx.block_m, ctx.block_n)
         do = do.contiguous()                                  # same layout as o (contiguous)
         kpm = key_padding_mask if key_padding_mask is not None else q
-        seg = segment_ids if segment_ids is not None else q
         precision, upcast = _dot_settings(q)
         common = dict(GROUP=H // H_kv, CAUSAL=ctx.causal, HAS_KPM=key_padding_mask is not None,
-                      HAS_SEG=segment_ids is not None,
                       DOT_PRECISION=precision, UPCAST_DOT=upcast, BLOCK_D=BLOCK_D)
 
         delta = torch.empty_like(lse)                                         # (B, Hq, T) fp32
@@ -430,20 +394,20 @@ class FlashAttentionFunction(torch.autograd.Function):
                    k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2),
                    do.stride(0), do.stride(1), do.stride(2),
-                   kpm.stride(0), seg.stride(0))
+                   kpm.stride(0))
         (dkdv_m, dkdv_n), (dq_m, dq_n) = tiles["dkdv"], tiles["dq"]
         _bwd_dkdv_kernel[(triton.cdiv(S, dkdv_n), B * H_kv)](
-            q, k, v, do, lse, delta, kpm, seg, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
+            q, k, v, do, lse, delta, kpm, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
             H, T, S, D, ctx.scale * LOG2E, ctx.scale,
             BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, **common, **_launch_settings(num_warps, q.dtype))
         _bwd_dq_kernel[(triton.cdiv(T, dq_m), B * H)](
-            q, k, v, do, lse, delta, kpm, seg, dq, *strides, *dq.stride()[:3],
+            q, k, v, do, lse, delta, kpm, dq, *strides, *dq.stride()[:3],
             H, T, S, D, ctx.scale * LOG2E, ctx.scale,
             BLOCK_M=dq_m, BLOCK_N=dq_n, **common, **_launch_settings(num_warps, q.dtype))
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def _check(q, k, v, key_padding_mask, segment_ids):
+def _check(q, k, v, key_padding_mask):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"flash_attention: q, k, v must be (B, H, T, D), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -460,31 +424,25 @@ def _check(q, k, v, key_padding_mask, segment_ids):
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, k.shape[2]):
         raise ValueError(f"flash_attention: key_padding_mask must be (B, S) = {(B, k.shape[2])}, "
                          f"got {tuple(key_padding_mask.shape)}")
-    check_segment_ids(segment_ids, B, T, k.shape[2], "flash_attention")
 
 
 def flash_attention(q, k, v, causal=False, scale=None, key_padding_mask=None,
-                    block_m=None, block_n=None, segment_ids=None):
+                    block_m=None, block_n=None):
     """FlashAttention-2: softmax(q k^T * scale + mask) v, differentiable in q, k, v.
 
     q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq % Hkv == 0 (GQA without repeating K/V).
     causal: bottom-right aligned, query i sees key j iff j <= i + (S - T).
     scale: softmax scale, default 1 / sqrt(D).
     key_padding_mask: optional (B, S) bool, True = real key. Rows that see no key return 0.
-    segment_ids: optional (B, T) int, needs T == S: packed sequences, query i sees key j only if
-      segment_ids[b, i] == segment_ids[b, j]; negative = padding (sees nothing, seen by nobody).
-      From FlashAttention-style cu_seqlens: segment_ids_from_cu_seqlens(cu_seqlens, T).
     block_m, block_n: tile sizes override (tests; powers of two >= 16).
     Returns (B, Hq, T, D) in q's dtype. Works on CUDA tensors, or on CPU under TRITON_INTERPRET=1.
     """
-    _check(q, k, v, key_padding_mask, segment_ids)
+    _check(q, k, v, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # the kernels index the head dim with stride 1; any other layout (e.g. (B, T, H, D) transposed
     # to (B, H, T, D)) is read in place through its strides
     q, k, v = [x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v)]
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
-    if segment_ids is not None:
-        segment_ids = segment_ids.to(torch.int32).contiguous()
     return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, key_padding_mask,
-                                        segment_ids, block_m, block_n)
+                                        block_m, block_n)

@@ -1,5 +1,5 @@
 """LLaVA instruction data: JSON records -> (input_ids, labels, pixels), batching, and the
-modality-grouped length sampler (LLaVA-1.5 `group_by_modality_length`).
+modality- and length-grouped global batches (LLaVA-1.5 `group_by_modality_length`).
 
 A record is `{"id", "image"?: str | [str, ...], "conversations": [{"from", "value"}, ...]}`
 (LCS-558K, llava_v1_5_mix665k.json). Images are decoded in `__getitem__`, i.e. in DataLoader
@@ -263,7 +263,7 @@ class LLaVADataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self):
-        """Signed lengths for LengthGroupedSampler: +tokens for samples with images, -tokens text-only."""
+        """Signed lengths for global_batches: +tokens for samples with images, -tokens text-only."""
         n_img = (self.config.vision.image_size // self.config.vision.patch_size) ** 2  # an estimate for anyres
         out = []
         for i, rec in enumerate(self.records):
@@ -356,41 +356,25 @@ def collate(batch, pad_id, ignore_index=IGNORE_INDEX):
 
 
 # ---------------------------------------------------------------------------------------------
-# sampler (LLaVA train/llava_trainer.py: get_modality_length_grouped_indices)
+# global batches (LLaVA train/llava_trainer.py: get_modality_length_grouped_indices)
 
-def split_to_even_chunks(indices, lengths, num_chunks):
-    """Split a megabatch into num_chunks chunks of (nearly) equal total length (one per rank)."""
-    if len(indices) % num_chunks != 0:
-        return [indices[i::num_chunks] for i in range(num_chunks)]
-    per_chunk = len(indices) // num_chunks
-    chunks = [[] for _ in range(num_chunks)]
-    totals = [0] * num_chunks
-    for i in indices:
-        c = min((k for k in range(num_chunks) if len(chunks[k]) < per_chunk), key=lambda k: totals[k])
-        chunks[c].append(i)
-        totals[c] += lengths[i]
-    return chunks
-
-
-def length_grouped_megabatches(lengths, batch_size, world_size, generator):
-    """Shuffle, cut into megabatches of world_size * batch_size, sort each by length (longest first)."""
+def length_grouped_megabatches(lengths, megabatch, generator):
+    """Shuffle, cut into megabatches, sort each by length (longest first)."""
     perm = torch.randperm(len(lengths), generator=generator).tolist()
-    mb = world_size * batch_size
-    megabatches = [sorted(perm[i:i + mb], key=lambda j: lengths[j], reverse=True)
-                   for i in range(0, len(perm), mb)]
-    return megabatches
+    return [sorted(perm[i:i + megabatch], key=lambda j: lengths[j], reverse=True)
+            for i in range(0, len(perm), megabatch)]
 
 
-def modality_length_grouped_megabatches(lengths, batch_size, world_size, generator):
+def modality_length_grouped_megabatches(lengths, megabatch, generator):
     """LLaVA `group_by_modality_length`: multimodal (length > 0) and text-only (< 0) samples form
     separate megabatches, which are shuffled together; the two leftovers form a last megabatch.
     With a single modality this is plain length grouping."""
     if all(l > 0 for l in lengths) or all(l < 0 for l in lengths):
-        return length_grouped_megabatches([abs(l) for l in lengths], batch_size, world_size, generator)
+        return length_grouped_megabatches([abs(l) for l in lengths], megabatch, generator)
     groups = []
     for sign in (1, -1):
         idx = [i for i, l in enumerate(lengths) if l * sign > 0]
-        mbs = length_grouped_megabatches([abs(lengths[i]) for i in idx], batch_size, world_size, generator)
+        mbs = length_grouped_megabatches([abs(lengths[i]) for i in idx], megabatch, generator)
         groups.append([[idx[j] for j in mb] for mb in mbs])
     (mm, lang) = groups
     leftover = sorted(mm[-1] + lang[-1], key=lambda j: abs(lengths[j]), reverse=True)
@@ -398,62 +382,35 @@ def modality_length_grouped_megabatches(lengths, batch_size, world_size, generat
     order = torch.randperm(len(megabatches), generator=generator).tolist()
     megabatches = [megabatches[k] for k in order]
     # the leftover may exceed one megabatch (two partial ones): cut it to size
-    mb = world_size * batch_size
-    megabatches += [leftover[i:i + mb] for i in range(0, len(leftover), mb)]
-    return megabatches
+    return megabatches + [leftover[i:i + megabatch] for i in range(0, len(leftover), megabatch)]
 
 
-class LengthGroupedSampler(torch.utils.data.Sampler):
-    """Modality- and length-grouped sampling, deterministic in (seed, epoch), resumable mid-epoch.
+def global_batches(lengths, global_batch, seed=0, epoch=0, group_by_length=True):
+    """The optimizer steps of one epoch: lists of `global_batch` sample indices, the same whatever
+    the world size and micro-batch (deterministic in seed and epoch; an incomplete last batch is
+    dropped).
 
-    lengths: signed (see LLaVADataset.lengths). Each megabatch of world_size * batch_size indices
-    is sorted by length and split into world_size even chunks; rank r gets chunk r of every
-    megabatch, so every rank's batches hold similar lengths. With world_size > 1 an incomplete
-    last megabatch is dropped so all ranks take the same number of steps.
-
-    Resume: `set_epoch(epoch, start_index=k)` skips this rank's first k samples of the epoch
-    (k = batches consumed * batch_size); `state_dict()` / `load_state_dict()` round-trip that.
-    group_by_length=False gives a plain seeded shuffle.
+    group_by_length: LLaVA's modality and length grouping with one megabatch per global batch, so
+    each global batch holds one modality (but the leftover) and is sorted by length, longest first.
+    The original groups megabatches of world_size x per-device batch, so moving from 1 GPU to 8
+    changes which samples train together (docs/fsdp.md). Otherwise a plain seeded shuffle.
+    lengths: signed (LLaVADataset.lengths: + with images, - text-only).
     """
+    if any(l == 0 for l in lengths):
+        raise ValueError("sample lengths must be non-zero (positive: with image, negative: text-only)")
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if group_by_length:
+        batches = modality_length_grouped_megabatches(lengths, global_batch, g)
+    else:
+        perm = torch.randperm(len(lengths), generator=g).tolist()
+        batches = [perm[i:i + global_batch] for i in range(0, len(perm), global_batch)]
+    return [b for b in batches if len(b) == global_batch]
 
-    def __init__(self, lengths, batch_size, world_size=1, rank=0, seed=0, group_by_length=True):
-        if any(l == 0 for l in lengths):
-            raise ValueError("sample lengths must be non-zero (positive: with image, negative: text-only)")
-        self.lengths = list(lengths)
-        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
-        self.seed, self.group_by_length = seed, group_by_length
-        self.epoch, self.start_index = 0, 0
 
-    def set_epoch(self, epoch, start_index=0):
-        self.epoch, self.start_index = epoch, start_index
-
-    def state_dict(self):
-        return dict(seed=self.seed, epoch=self.epoch, start_index=self.start_index)
-
-    def load_state_dict(self, state):
-        self.seed, self.epoch, self.start_index = state["seed"], state["epoch"], state["start_index"]
-
-    def indices(self):
-        """This rank's full index order for the current epoch."""
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.group_by_length:
-            megabatches = modality_length_grouped_megabatches(
-                self.lengths, self.batch_size, self.world_size, g)
-        else:
-            perm = torch.randperm(len(self.lengths), generator=g).tolist()
-            mb = self.world_size * self.batch_size
-            megabatches = [perm[i:i + mb] for i in range(0, len(perm), mb)]
-        if self.world_size == 1:
-            return [i for mb in megabatches for i in mb]
-        full = [mb for mb in megabatches if len(mb) == self.world_size * self.batch_size]
-        abs_len = [abs(l) for l in self.lengths]
-        return [i for mb in full for i in split_to_even_chunks(mb, abs_len, self.world_size)[self.rank]]
-
-    def __len__(self):
-        if self.world_size == 1:
-            return len(self.lengths) - self.start_index
-        n_full = len(self.lengths) // (self.world_size * self.batch_size)
-        return n_full * self.batch_size - self.start_index
-
-    def __iter__(self):
-        return iter(self.indices()[self.start_index:])
+def rank_micro_batches(batch, world_size, rank, micro_batch):
+    """Rank `rank`'s micro-batches of one global batch, in order: the batch is cut into
+    world_size x accumulation micro-batches of consecutive samples (similar lengths when it is
+    sorted: little padding), dealt to the ranks in turn, so that the ranks' k-th micro-batches,
+    which wait for each other at every collective, are about as long."""
+    micro = [batch[i:i + micro_batch] for i in range(0, len(batch), micro_batch)]
+    return micro[rank::world_size]

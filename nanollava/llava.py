@@ -155,8 +155,19 @@ class LLaVA(nn.Module):
         is_image = input_ids == self.config.image_token_id                                 # (B, T)
         is_video = input_ids == (-1 if self.config.video_token_id is None else self.config.video_token_id)
         x = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image | is_video, 0))  # ids past the vocab
+        if self.training and pixel_values is None and pixel_values_videos is None:
+            x = x + self.zero_image_term(x.device)
         x = self._fill(x, is_image, pixel_values, lambda: self.encode_images(pixel_values, image_sizes), "image")
         return self._fill(x, is_video, pixel_values_videos, lambda: self.encode_videos(pixel_values_videos), "video")
+
+    def zero_image_term(self, device):
+        """0 x (tower + projector on one zero image, and image_newline): a training batch without
+        images still runs them, as the original LLaVA feeds text-only samples a zero image. With
+        FSDP every rank then runs the same units and collectives whatever its batch holds, and
+        the vision weights get a (zero) gradient in the same order (docs/gpu.md)."""
+        S = self.config.vision.image_size
+        term = 0 * self.project_images(torch.zeros(1, 3, S, S, device=device)).sum()
+        return term + 0 * self.image_newline.sum() if hasattr(self, "image_newline") else term
 
     def _fill(self, x, where, pixels, encode, what):
         n_tokens = int(where.sum())
@@ -177,12 +188,18 @@ class LLaVA(nn.Module):
         return self.language_model(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
                                    kv_cache=kv_cache, logits_to_keep=logits_to_keep)
 
-    def loss(self, input_ids, labels, pixel_values=None, image_sizes=None, attention_mask=None):
-        """Next-token cross-entropy, mean over supervised tokens (labels != -100); 0 when there are none."""
+    def loss(self, input_ids, labels, pixel_values=None, image_sizes=None, attention_mask=None, reduction="mean"):
+        """Next-token cross-entropy over the supervised tokens (labels != -100): their mean (0 when
+        there are none), or with reduction="sum" their sum (train.py divides a global batch's sum by
+        its count of supervised_tokens)."""
         logits = self(input_ids, pixel_values, image_sizes, attention_mask)          # (B, T, V)
         # shift the labels, not the logits: position t predicts token t+1 (no (B, T-1, V) copy)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)                   # (B, T)
-        n = (targets != IGNORE_INDEX).sum()
         total = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
                                 ignore_index=IGNORE_INDEX, reduction="sum")
-        return total / n.clamp(min=1)
+        return total if reduction == "sum" else total / supervised_tokens(labels).clamp(min=1)
+
+
+def supervised_tokens(labels):
+    """How many next-token predictions of (B, T) labels LLaVA.loss counts (labels shifted by one)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()

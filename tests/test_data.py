@@ -12,7 +12,7 @@ import data_prep
 from nanollava import conversation, data
 from nanollava.config import LLaVAConfig, VisionConfig
 from nanollava.conversation import IGNORE_INDEX, SHORT_ANSWER
-from nanollava.data import LengthGroupedSampler, LLaVADataset, collate, open_image, truncate
+from nanollava.data import LLaVADataset, collate, global_batches, open_image, rank_micro_batches, truncate
 from nanollava.tokenizer import Tokenizer, train_bpe
 
 N_IMG = 4                                                        # (28 // 14) ** 2 visual tokens
@@ -200,46 +200,40 @@ def test_dataloader_with_workers_decodes_images_in_workers(folder, tok):
     assert sum(b["input_ids"].shape[0] for b in dl) == 3
 
 
-# --- sampler ---
+# --- global batches ---
 
-def test_sampler_single_modality_is_a_deterministic_permutation():
-    lengths = [5, 9, 3, 7, 1, 8, 2, 6, 4, 10]
-    s = LengthGroupedSampler(lengths, batch_size=2, seed=1)
-    order = list(s)
-    assert sorted(order) == list(range(10))
-    assert order == list(LengthGroupedSampler(lengths, batch_size=2, seed=1))
-    assert list(LengthGroupedSampler([-n for n in lengths], batch_size=2, seed=1)) == order
-    s.set_epoch(1)
-    assert list(s) != order and sorted(s) == list(range(10))
+def test_global_batches_are_a_deterministic_permutation_without_the_partial_last_batch():
+    lengths = [5, 9, 3, 7, 1, 8, 2, 6, 4, 10, 11]
+    for group in (True, False):
+        batches = global_batches(lengths, 2, seed=1, group_by_length=group)
+        flat = [i for b in batches for i in b]
+        assert len(batches) == 5 and all(len(b) == 2 for b in batches) and len(set(flat)) == 10
+        assert batches == global_batches(lengths, 2, seed=1, group_by_length=group)
+        assert global_batches([-n for n in lengths], 2, seed=1, group_by_length=group) == batches
+        assert global_batches(lengths, 2, seed=1, epoch=1, group_by_length=group) != batches
 
 
-def test_sampler_groups_modalities_and_sorts_megabatches():
+def test_global_batches_group_modalities_and_sort_by_length():
     lengths = [10 + i if i % 3 else -(10 + i) for i in range(40)]
-    s = LengthGroupedSampler(lengths, batch_size=4, seed=0)
-    order = list(s)
-    assert sorted(order) == list(range(40))
-    batches = [order[i:i + 4] for i in range(0, 40, 4)]
-    for b in batches[:-2]:                           # the last megabatches hold the two leftovers
-        assert len({lengths[i] > 0 for i in b}) == 1, "a batch mixes modalities"
+    batches = global_batches(lengths, 4, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(40))
+    for b in batches[:-2]:                           # the last batches hold the two leftovers
+        assert len({lengths[i] > 0 for i in b}) == 1, "a global batch mixes modalities"
         assert [abs(lengths[i]) for i in b] == sorted((abs(lengths[i]) for i in b), reverse=True)
 
 
-def test_sampler_resumes_mid_epoch_exactly():
-    lengths = [(i % 7) + 1 if i % 2 else -((i % 5) + 1) for i in range(30)]
-    s = LengthGroupedSampler(lengths, batch_size=3, seed=5)
-    s.set_epoch(2)
-    full = list(s)
-    resumed = LengthGroupedSampler(lengths, batch_size=3, seed=0)
-    resumed.load_state_dict(dict(seed=5, epoch=2, start_index=12))
-    assert list(resumed) == full[12:] and len(resumed) == len(full) - 12
-    assert resumed.state_dict() == dict(seed=5, epoch=2, start_index=12)
-
-
-def test_sampler_ranks_get_disjoint_equal_shares():
-    lengths = [i + 1 for i in range(23)]
-    shares = [list(LengthGroupedSampler(lengths, batch_size=3, world_size=2, rank=r, seed=0)) for r in (0, 1)]
-    assert len(shares[0]) == len(shares[1]) == len(LengthGroupedSampler(lengths, 3, 2, 0)) == 9
-    assert not set(shares[0]) & set(shares[1])
+@pytest.mark.parametrize("world, micro", [(1, 2), (1, 8), (2, 4), (3, 2), (3, 8), (4, 3)])
+def test_ranks_split_each_global_batch_into_the_same_samples_whatever_the_world_size(world, micro):
+    """A global batch is a fixed set of samples: the ranks' micro-batches are exactly its samples,
+    every rank gets the same number of micro-batches, and the k-th micro-batches of the ranks hold
+    neighbouring samples of the length-sorted batch (they wait for each other)."""
+    lengths = [(7 * i) % 23 + 1 for i in range(60)]
+    for batch in global_batches(lengths, 24, seed=3):
+        shares = [rank_micro_batches(batch, world, r, micro) for r in range(world)]
+        assert sorted(i for s in shares for m in s for i in m) == sorted(batch)
+        assert {len(s) for s in shares} == {24 // (world * micro)} and all(len(m) == micro for s in shares for m in s)
+        kth = [i for k in range(len(shares[0])) for s in shares for i in s[k]]
+        assert kth == batch, "the ranks' k-th micro-batches should take the batch in order"
 
 
 def test_dataset_lengths_come_from_the_index(folder, tok, capsys):

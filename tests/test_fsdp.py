@@ -1,10 +1,12 @@
-"""Hand-rolled FSDP (nanollava/fsdp.py) against plain single-process training.
+"""Hand-rolled FSDP (nanollava/fsdp.py: FSDP, and PrefetchFSDP on top) against plain
+single-process training.
 
 1, 2 and 3 gloo ranks train a small decoder-like model whose parameter counts are not
 divisible by the world size; the losses and final weights must match ordinary training with
 the same global batch, per-rank param+grad+optimizer bytes must be ~1/world of the total,
-and frozen blocks must carry no optimizer state. Activation checkpointing (reentrant and
-non-reentrant) and gradient accumulation must not change the result.
+frozen blocks must carry no optimizer state, and the ranks' checkpoint pieces must tile every
+trainable weight. Activation checkpointing (reentrant and non-reentrant) and gradient
+accumulation must not change the result.
 
 A toy vision-language model checks what depends on the data (docs/gpu.md): a rank whose
 micro-batch has no image (the projector gets no gradient there) and a first micro-batch that
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nanollava.fsdp import FSDP
+from nanollava.fsdp import FSDP, PrefetchFSDP
+from train import clip_grad_norm_, local_bytes
 
 VOCAB, DIM, HIDDEN, N_BLOCKS, T = 37, 11, 29, 3, 5
 GLOBAL_BATCH, STEPS, LRS = 6, 3, {"embed": 3e-2, "blocks": 1e-2}
@@ -50,7 +53,7 @@ class Toy(nn.Module):
         self.head = nn.Linear(DIM, VOCAB)
         self.checkpointing = None        # None | "reentrant" | "non_reentrant"
 
-    def loss(self, ids, targets):
+    def forward(self, ids, targets):                            # the loss: FSDP's root hook is on forward
         h = self.embed(ids)                                     # (B, T, C)
         for block in self.blocks:
             if self.checkpointing and self.training:
@@ -89,25 +92,37 @@ def reference(device="cpu"):
                             betas=(0.9, 0.999), weight_decay=0.0)
     losses = []
     for ids, targets in batches(device):
-        loss = model.loss(ids, targets)
+        loss = model(ids, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
     with torch.no_grad():
-        eval_loss = model.loss(*batches(device)[0]).item()
+        eval_loss = model(*batches(device)[0]).item()
     return losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, eval_loss
 
 
-def run_fsdp(rank, world, checkpointing, micro_batches, device="cpu"):
+def optimizer_of(model, lrs, group):
+    """AdamW over the model's trainable parameters: after FSDP, its flat shards."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(group(name), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lrs[g]} for g, ps in groups.items()],
+                             betas=(0.9, 0.999), weight_decay=0.0)
+
+
+def run_fsdp(rank, world, cls, checkpointing, micro_batches, device="cpu"):
     """The same training, sharded: each rank takes its slice of the global batch (fp32 weights
     on every device, so that CUDA must match plain training as closely as the CPU does)."""
     model = make_model()
     model.checkpointing = checkpointing
-    fsdp = FSDP(model, units=list(model.blocks), group_fn=group_fn, param_dtype=torch.float32, device=device)
-    assert (fsdp.ag_stream is not None) == (device == "cuda" and world > 1)
-    opt = fsdp.optimizer(LRS, betas=(0.9, 0.999), weight_decay=0.0)
+    fsdp = cls(model, units=list(model.blocks), group_fn=group_fn, device=device)
+    assert cls is FSDP or (fsdp.ag_stream is not None) == (device == "cuda")
+    opt = optimizer_of(model, LRS, group_fn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in params} == {id(f.shard) for f in fsdp.flats}, "the shards are the trainable parameters"
     per_rank = GLOBAL_BATCH // world
     micro = per_rank // micro_batches
     losses = []
@@ -116,50 +131,49 @@ def run_fsdp(rank, world, checkpointing, micro_batches, device="cpu"):
         total = torch.zeros((), device=device)
         for m in range(micro_batches):
             sl = slice(m * micro, (m + 1) * micro)
-            loss = model.loss(ids[sl], targets[sl]) / micro_batches
+            loss = model(ids[sl], targets[sl]) / micro_batches
             loss.backward()
             total += loss.detach()
-        fsdp.clip_grad_norm_(0.5)
+        fsdp.reduce_grads()
+        clip_grad_norm_(params, 0.5)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(total)
+        dist.all_reduce(total)
         losses.append(total.item() / world)
     # evaluation forward under no_grad must work too (views of gathered-then-freed buffers)
     model.eval()
     with torch.no_grad():
-        eval_loss = model.loss(*batches(device)[0]).item()
-    # sharded checkpoint round trip: each rank reloads only its own shards into a fresh model
-    fresh = FSDP(Toy(), units=[], group_fn=group_fn)              # other init, other units
-    with pytest.raises(ValueError, match="does not match"):
-        fresh.load_sharded_state_dict(fsdp.sharded_state_dict())
-    restored_model = make_model()
-    restored_model.embed.weight.data.zero_()
-    restored = FSDP(restored_model, units=list(restored_model.blocks), group_fn=group_fn)
-    restored.load_sharded_state_dict(fsdp.sharded_state_dict())
-    return {"losses": losses, "state": fsdp.full_state_dict(), "restored": restored.full_state_dict(),
-            "bytes": fsdp.local_bytes(opt), "eval_loss": eval_loss,
-            "n_opt_params": sum(len(g["params"]) for g in opt.param_groups),
-            "n_opt_state": len(opt.state),
-            "flat_units": sorted({f.unit.name for f in fsdp.flats}),
-            "trainable": sorted(fsdp.trainable_names)}
+        eval_loss = model(*batches(device)[0]).item()
+    return {"losses": losses, "state": fsdp.full_state_dict(), "bytes": local_bytes(params, opt),
+            "eval_loss": eval_loss, "n_opt_params": sum(len(g["params"]) for g in opt.param_groups),
+            "n_opt_state": len(opt.state), "flat_units": sorted({f.unit.name for f in fsdp.flats}),
+            "trainable": sorted(n for f in fsdp.flats for n in f.names),
+            "pieces": [(name, start, shard[lo:hi].detach().cpu().clone())
+                       for name, _, start, shard, lo, hi in fsdp.pieces()]}
 
 
-SCENARIOS = [(None, 1), ("non_reentrant", 1), ("reentrant", 1), (None, 3)]   # (checkpointing, micro-batches)
+# (engine, checkpointing, micro-batches)
+SCENARIOS = [(FSDP, None, 1), (FSDP, "non_reentrant", 1), (FSDP, "reentrant", 1), (FSDP, None, 3),
+             (PrefetchFSDP, None, 3), (PrefetchFSDP, "non_reentrant", 1)]
+
+
+def init(rank, world, port):
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    else:                                                      # one rank is a process group too
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _worker(rank, world, port, out_dir, device="cpu"):
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init(rank, world, port)
     torch.set_num_threads(1)
     results = {}
-    for ckpt, micro in SCENARIOS:
+    for cls, ckpt, micro in SCENARIOS:
         if (GLOBAL_BATCH // world) % micro or (world == 3 and ckpt == "reentrant"):   # keep 3 ranks quick
             continue
-        results[(ckpt, micro)] = run_fsdp(rank, world, ckpt, micro, device)
+        results[(cls.__name__, ckpt, micro)] = run_fsdp(rank, world, cls, ckpt, micro, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    if world > 1:
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def free_port():
@@ -193,8 +207,15 @@ def _check_against_reference(world, ref, device="cpu"):
                 torch.testing.assert_close(r["state"][k], v, rtol=1e-5, atol=1e-6,
                                            msg=f"{k} differs after training: {scenario} rank {rank}")
             assert abs(r["eval_loss"] - ref_eval) < 1e-5, f"no_grad forward differs: {scenario}"
-            for k, v in r["state"].items():
-                assert torch.equal(r["restored"][k], v), f"sharded save/load lost {k}"
+            # the ranks' checkpoint pieces tile every trainable weight exactly
+            for k in r["trainable"]:
+                got = torch.full((r["state"][k].numel(),), float("nan"))
+                for res_r in results:
+                    for name, start, piece in res_r[scenario]["pieces"]:
+                        if name == k:
+                            assert got[start:start + len(piece)].isnan().all(), f"{k}: pieces overlap"
+                            got[start:start + len(piece)] = piece
+                assert torch.equal(got.view_as(r["state"][k]), r["state"][k]), f"{k}: pieces do not tile it"
             # the frozen block is not sharded and has no optimizer state
             assert "blocks.0" not in r["flat_units"]
             assert not any(n.startswith("blocks.0.") for n in r["trainable"])
@@ -222,15 +243,25 @@ def test_fsdp_cuda_side_streams_match_plain_training_with_two_gloo_ranks_on_one_
 def test_flat_views_backward_is_one_split_not_a_zero_buffer_per_weight():
     """Every weight of a flat hangs off ONE SplitWithSizesBackward node (backward = one cat),
     none off a SliceBackward (backward = a zero buffer the size of the whole flat, per weight)."""
-    model = make_model()
-    fsdp = FSDP(model, units=list(model.blocks), group_fn=group_fn)    # world 1: gathered for good
-    for flat in fsdp.flats:
-        weights = [getattr(module, attr) for slots in flat.slots for module, attr in slots]
-        parents = {type(w.grad_fn.next_functions[0][0]).__name__ for w in weights}
-        nodes = {id(w.grad_fn.next_functions[0][0]) for w in weights}
-        assert parents == {"SplitWithSizesBackward0"} and len(nodes) == 1, (flat.names, parents)
-    model.loss(*batches()[0]).backward()
-    assert all(f.shard.grad is not None for f in fsdp.flats)
+    init(0, 1, None)
+    try:
+        model = make_model()
+        fsdp = FSDP(model, units=list(model.blocks), group_fn=group_fn)
+        seen = []
+        for flat in fsdp.flats:                       # look at the views while the unit runs
+            flat.unit.module.register_forward_hook(lambda m, a, out, f=flat: seen.append(
+                (f.names, {type(getattr(mod, attr).grad_fn.next_functions[0][0]).__name__
+                           for slots in f.slots for mod, attr in slots},
+                 {id(getattr(mod, attr).grad_fn.next_functions[0][0]) for slots in f.slots for mod, attr in slots})),
+                prepend=True)
+        model(*batches()[0]).backward()
+        fsdp.reduce_grads()
+        assert len(seen) == len(fsdp.flats)
+        for names, parents, nodes in seen:
+            assert parents == {"SplitWithSizesBackward0"} and len(nodes) == 1, (names, parents)
+        assert all(f.shard.grad is not None for f in fsdp.flats)
+    finally:
+        dist.destroy_process_group()
 
 
 # ---- data-dependent paths: text-only micro-batches, a first forward that skips the tower ----
@@ -249,7 +280,7 @@ class ToyVLM(nn.Module):
         self.head = nn.Linear(DIM, VOCAB)
         self.tower.requires_grad_(train_tower)
 
-    def loss(self, ids, targets, image=None):
+    def forward(self, ids, targets, image=None):
         h = self.embed(ids)                                     # (B, T, C)
         if image is not None:                                   # (B, C)
             for block in self.tower:
@@ -294,7 +325,7 @@ def vlm_reference(train_tower, has_image):
     opt = torch.optim.AdamW([{"params": ps, "lr": VLM_LRS[g]} for g, ps in groups.items()], weight_decay=0.0)
     losses = []
     for step in range(VLM_STEPS):
-        loss = sum(model.loss(ids, tg, img if has_image(r, m) else None)
+        loss = sum(model(ids, tg, img if has_image(r, m) else None)
                    for r, m, ids, tg, img in vlm_micro_batches(step)) / (VLM_WORLD * VLM_MICRO)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
@@ -308,46 +339,45 @@ def _vlm_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     results = {}
-    for name, sc in VLM_SCENARIOS.items():
-        model = ToyVLM(sc["train_tower"])
-        fsdp = FSDP(model, units=list(model.tower) + list(model.blocks), group_fn=vlm_group)
-        opt = fsdp.optimizer(VLM_LRS, weight_decay=0.0)
-        losses, stale = [], []
-        for step in range(VLM_STEPS):
-            total = torch.zeros(())
-            for r, m, ids, tg, img in vlm_micro_batches(step):
-                if r == rank:
-                    loss = model.loss(ids, tg, img if sc["has_image"](r, m) else None) / VLM_MICRO
-                    loss.backward()
-                    total += loss.detach()
-            fsdp.clip_grad_norm_(0.5)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            dist.all_reduce(total)
-            losses.append(total.item() / world)
-            # after the step, a unit that is still gathered must hold the new master weights
-            full = fsdp.full_state_dict()
-            for f in fsdp.flats:
-                if f.is_gathered():
-                    master = torch.cat([full[n].flatten() for n in f.names])
-                    if not torch.equal(f.flat.detach()[:master.numel()], master):
-                        stale.append(f"step {step + 1}: {f.unit.name or 'root'}|{f.group}")
-        results[name] = {"losses": losses, "state": fsdp.full_state_dict(), "stale": stale}
+    for cls in (FSDP, PrefetchFSDP):
+        for name, sc in VLM_SCENARIOS.items():
+            model = ToyVLM(sc["train_tower"])
+            fsdp = cls(model, units=list(model.tower) + list(model.blocks), group_fn=vlm_group)
+            opt = optimizer_of(model, VLM_LRS, vlm_group)
+            losses, stale = [], []
+            for step in range(VLM_STEPS):
+                total = torch.zeros(())
+                for r, m, ids, tg, img in vlm_micro_batches(step):
+                    if r == rank:
+                        loss = model(ids, tg, img if sc["has_image"](r, m) else None) / VLM_MICRO
+                        loss.backward()
+                        total += loss.detach()
+                fsdp.reduce_grads()
+                # a unit still gathered now (a prefetch nobody used) would keep the old weights
+                stale += [f"step {step + 1}: {u.name}" for u in fsdp.units[:-1] if any(f.is_gathered() for f in u.flats)]
+                clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.5)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                dist.all_reduce(total)
+                losses.append(total.item() / world)
+            results[(cls.__name__, name)] = {"losses": losses, "state": fsdp.full_state_dict(), "stale": stale}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_fsdp_text_only_micro_batches_match_single_process_training():
     """2 gloo ranks, with a rank whose micro-batches have no image, and with a first micro-batch
-    that skips the tower: the step completes (no collective mismatch), no unit keeps stale
-    weights after optimizer.step, and losses and weights equal plain training on the same data."""
+    that skips the tower: the step completes (no collective mismatch), no unit stays gathered
+    into optimizer.step (it would keep the old weights), and losses and weights equal plain
+    training on the same data, with and without prefetching."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_vlm_worker, args=(VLM_WORLD, free_port(), out_dir), nprocs=VLM_WORLD)
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(VLM_WORLD)]
-    for name, sc in VLM_SCENARIOS.items():
+    for (engine, name), _ in results[0].items():
+        sc = VLM_SCENARIOS[name]
         ref_losses, ref_state = vlm_reference(sc["train_tower"], sc["has_image"])
         for rank, res in enumerate(results):
-            r = res[name]
+            r = res[(engine, name)]
             assert not r["stale"], f"{name}: units kept the previous step's weights: {r['stale']}"
             torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6,
                                        msg=f"{name}: losses differ from plain training (rank {rank})")

@@ -16,12 +16,12 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from nanollava.kernels import dispatch
 from nanollava.kernels.flash_attention import flash_attention
-from nanollava.kernels.reference import attention_reference, rms_norm_reference, segment_ids_from_cu_seqlens
+from nanollava.kernels.reference import attention_reference, rms_norm_reference
 from nanollava.kernels.rms_norm import rms_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,42 +72,32 @@ def _assert_close(name, got, want, tol, context, torch_err=None):
         + f" ({context})")
 
 
-def _packed_segment_ids(B, T, gen):
-    """(B, T) segment ids of rows holding up to 4 back-to-back sequences of random lengths
-    (0-length ones included), then padding (-1); built through the cu_seqlens helper."""
-    ends = torch.randint(0, T + 1, (B, 3), generator=gen).sort(-1).values
-    cu_seqlens = torch.cat([torch.zeros(B, 1, dtype=torch.long), ends], -1)   # (B, 4)
-    return segment_ids_from_cu_seqlens(cu_seqlens, T).to(DEVICE)
-
-
-def _check_attention(B, Hkv, group, T, S, D, causal, pattern, dtype, block, seed, packed=False):
+def _check_attention(B, Hkv, group, T, S, D, causal, pattern, dtype, block, seed):
     """flash_attention forward and dq, dk, dv against the float64 reference on the same inputs;
-    block = (BLOCK_M, BLOCK_N) tile sizes for every kernel; packed: random segment_ids (T == S)."""
+    block = (BLOCK_M, BLOCK_N) tile sizes for every kernel."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hkv * group, T, D, generator=gen)
     k = torch.randn(B, Hkv, S, D, generator=gen)
     v = torch.randn(B, Hkv, S, D, generator=gen)
     do = torch.randn(B, Hkv * group, T, D, generator=gen)
     kpm = _key_padding_mask(pattern, B, S, gen)
-    seg = _packed_segment_ids(B, T, gen) if packed else None
     q, k, v, do = [x.to(DEVICE, dtype) for x in (q, k, v, do)]
     q, k, v = [x.requires_grad_() for x in (q, k, v)]
 
     o = flash_attention(q, k, v, causal=causal, key_padding_mask=kpm, block_m=block[0],
-                        block_n=block[1], segment_ids=seg)
+                        block_n=block[1])
     o.backward(do)
 
     def reference(dtype):  # (out, dq, dk, dv) of the PyTorch reference computed in `dtype`
         q_, k_, v_ = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        o_ = attention_reference(q_, k_, v_, causal=causal, key_padding_mask=kpm, segment_ids=seg)
+        o_ = attention_reference(q_, k_, v_, causal=causal, key_padding_mask=kpm)
         o_.backward(do.to(dtype))
         return o_.detach(), q_.grad, k_.grad, v_.grad
 
     want = reference(torch.float64)
     same_dtype = reference(dtype) if dtype != torch.float32 else None
     context = (f"B={B} Hq={Hkv * group} Hkv={Hkv} T={T} S={S} D={D} causal={causal} "
-               f"padding={pattern} {dtype} block={block}"
-               + ("" if seg is None else f" segment_ids={seg.tolist()}"))
+               f"padding={pattern} {dtype} block={block}")
     assert o.dtype == dtype and o.shape == q.shape, context
     for i, (name, got) in enumerate((("out", o), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad))):
         torch_err = None if same_dtype is None else (same_dtype[i].double() - want[i]).abs().max().item()
@@ -133,83 +123,6 @@ def test_flash_attention_gqa_causal_padded_each_dtype(dtype):
     """Every feature at once, once per dtype: GQA 4:2, T != S causal, left padding, D = 80."""
     _check_attention(B=2, Hkv=2, group=2, T=17, S=33, D=80, causal=True, pattern="left",
                      dtype=dtype, block=(16, 32), seed=0)
-
-
-@settings(max_examples=3, **HYPOTHESIS)
-@example(B=2, heads=(2, 2), T=17, D=80, causal=True, pattern="none", dtype=torch.float16,
-         block=(16, 16), seed=5)                                # fp16 + GQA + D = 80, always run
-@given(B=st.integers(1, 2), heads=st.sampled_from([(1, 1), (2, 1), (1, 2), (2, 2)]),
-       T=st.sampled_from([7, 17, 33]), D=st.sampled_from([16, 80]), causal=st.booleans(),
-       pattern=st.sampled_from(["none", "right"]), dtype=st.sampled_from(DTYPES),
-       block=st.sampled_from([(16, 16), (16, 32), (32, 16)]), seed=st.integers(0, 2**16))
-def test_flash_attention_packed_segments_match_float64_reference(B, heads, T, D, causal, pattern,
-                                                                 dtype, block, seed):
-    """Random packings (segment_ids, on top of an optional key_padding_mask) against the float64
-    reference with the same segment_ids; that reference is checked against separate runs below."""
-    Hkv, group = heads
-    _check_attention(B, Hkv, group, T, T, D, causal, pattern, dtype, block, seed, packed=True)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_packed_sequences_equal_each_sequence_run_separately(causal):
-    """Odd-length sequences packed into rows (plus padding and a 0-length sequence), GQA 4:2:
-    Triton (fp32) and the PyTorch reference (float64), both given segment_ids, produce the outputs
-    and dq, dk, dv of running the float64 reference on every sequence on its own; padding gets
-    O = 0 and zero gradients."""
-    lengths = [[5, 1, 12, 7], [9, 0, 11, 0]]                   # per row; T = 28 leaves padding
-    T, D = 28, 16
-    cu_seqlens = torch.tensor([[0, 5, 6, 18, 25], [0, 9, 9, 20, 20]])  # cumsum of `lengths`
-    seg = segment_ids_from_cu_seqlens(cu_seqlens, T).to(DEVICE)          # (B, T), -1 = padding
-    gen = torch.Generator().manual_seed(1)
-    q, do = torch.randn(2, 2, 4, T, D, generator=gen).double()          # (B, Hq, T, D) each
-    k, v = torch.randn(2, 2, 2, T, D, generator=gen).double()           # (B, Hkv, T, D) each
-
-    # oracle: every sequence on its own, float64; O and grads stay 0 on padding
-    want = [torch.zeros_like(x) for x in (q, q, k, v)]                 # out, dq, dk, dv
-    for b, row in enumerate(lengths):
-        start = 0
-        for n in row:
-            part = slice(start, start + n)
-            start += n
-            if n == 0:
-                continue
-            q_, k_, v_ = [x[b:b + 1, :, part].clone().requires_grad_() for x in (q, k, v)]
-            o_ = attention_reference(q_, k_, v_, causal=causal)
-            o_.backward(do[b:b + 1, :, part])
-            for w, got in zip(want, (o_.detach(), q_.grad, k_.grad, v_.grad)):
-                w[b:b + 1, :, part] = got
-
-    q32, k32, v32 = [x.float().to(DEVICE).requires_grad_() for x in (q, k, v)]
-    o32 = flash_attention(q32, k32, v32, causal=causal, segment_ids=seg, block_m=16, block_n=16)
-    o32.backward(do.float().to(DEVICE))
-    q64, k64, v64 = [x.clone().requires_grad_() for x in (q, k, v)]
-    o64 = attention_reference(q64, k64, v64, causal=causal, segment_ids=seg.cpu())
-    o64.backward(do)
-    for path, got, tol in (("triton", (o32, q32.grad, k32.grad, v32.grad), ATTN_TOL[torch.float32]),
-                           ("reference", (o64, q64.grad, k64.grad, v64.grad), (1e-12, 1e-12))):
-        for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-            _assert_close(name, g.detach().cpu(), w, tol, f"{path} causal={causal}")
-    padding = (seg.cpu() < 0)[:, None, :, None]                          # (B, 1, T, 1)
-    assert (o32.detach().cpu().masked_select(padding) == 0).all(), "padding rows must output 0"
-
-
-def test_segment_ids_from_cu_seqlens_and_clear_errors():
-    """cu_seqlens (FlashAttention varlen) -> per-position sequence index, -1 past the last end."""
-    seg = segment_ids_from_cu_seqlens(torch.tensor([0, 3, 3, 7]), 9)
-    assert seg.tolist() == [[0, 0, 0, 2, 2, 2, 2, -1, -1]]
-    seg = segment_ids_from_cu_seqlens(torch.tensor([[0, 2, 5], [0, 4, 4]]), 6)
-    assert seg.tolist() == [[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, -1, -1]]
-    for bad in ([1, 3], [0, 4, 2], [0, 10]):
-        with pytest.raises(ValueError, match="cu_seqlens"):
-            segment_ids_from_cu_seqlens(torch.tensor(bad), 9)
-    q, kv = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 6, 16)
-    for attention in (flash_attention, attention_reference):
-        with pytest.raises(ValueError, match="no KV cache"):                 # T != S
-            attention(q, kv, kv, segment_ids=torch.zeros(1, 4, dtype=torch.int32))
-        with pytest.raises(ValueError, match="segment_ids must be"):
-            attention(q, q, q, segment_ids=torch.zeros(1, 5, dtype=torch.int32))
-        with pytest.raises(ValueError, match="integer"):
-            attention(q, q, q, segment_ids=torch.zeros(1, 4))
 
 
 def test_flash_attention_rows_that_see_no_key_are_zero_with_zero_gradient():
@@ -317,22 +230,15 @@ def test_dispatch_forced_triton_matches_torch():
     k, v = torch.randn(1, 2, 9, 16, device=DEVICE), torch.randn(1, 2, 9, 16, device=DEVICE)
     kpm = torch.tensor([[False, False] + [True] * 7], device=DEVICE)
     x, w = torch.randn(3, 24, device=DEVICE), torch.randn(24, device=DEVICE)
-    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, -1]], device=DEVICE)   # two packed sequences + pad
     with dispatch.use("torch"):
         o_torch = dispatch.attention(q, k, v, causal=True, key_padding_mask=kpm)
-        packed_torch = dispatch.attention(q, k, v, causal=True, segment_ids=seg)
         y_torch = dispatch.rms_norm(x, w, 1e-5)
     with dispatch.use("triton"):
         assert dispatch.use_triton(q)
         o_triton = dispatch.attention(q, k, v, causal=True, key_padding_mask=kpm)
-        packed_triton = dispatch.attention(q, k, v, causal=True, segment_ids=seg)
         y_triton = dispatch.rms_norm(x, w, 1e-5)
     assert "FlashAttention" in type(o_triton.grad_fn).__name__, "use('triton') did not reach the kernel"
     torch.testing.assert_close(o_triton, o_torch, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(packed_triton, packed_torch, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(packed_torch[..., :3, :],                     # sequence 0 alone
-                               dispatch.attention(q[..., :3, :], k[..., :3, :], v[..., :3, :],
-                                                  causal=True), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y_triton, y_torch, atol=1e-5, rtol=1e-5)
 
 

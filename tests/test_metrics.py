@@ -7,7 +7,6 @@ import pytest
 
 from nanollava import metrics
 
-POPE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "pope"
 
 
 @pytest.mark.parametrize("k, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
@@ -69,13 +68,11 @@ def test_pope_hand_worked():
     assert r["yes_ratio"] == pytest.approx(3 / 5)
 
 
-def test_pope_reproduces_llava_v15_13b_numbers():
-    if not POPE_DIR.is_dir():
-        pytest.skip(f"POPE fixture not found at {POPE_DIR} (expected shared/ beside the repo)")
+def test_pope_reproduces_llava_v15_13b_numbers(pope_dir):
     read = lambda p: [json.loads(line) for line in open(p)]
-    answers = read(POPE_DIR / "answers_llava-v1.5-13b.jsonl")
-    questions = read(POPE_DIR / "llava_pope_test.jsonl")
-    labels = {s: read(POPE_DIR / f"coco_pope_{s}.json") for s in ("adversarial", "popular", "random")}
+    answers = read(pope_dir / "answers_llava-v1.5-13b.jsonl")
+    questions = read(pope_dir / "llava_pope_test.jsonl")
+    labels = {s: read(pope_dir / f"coco_pope_{s}.json") for s in ("adversarial", "popular", "random")}
     r = metrics.pope_splits(answers, questions, labels)
     assert round(100 * r["adversarial"]["f1"], 2) == 84.46
     assert round(100 * r["popular"]["f1"], 2) == 86.25

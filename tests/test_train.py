@@ -1,6 +1,7 @@
 """train.py on a tiny LLaVA: freezing per stage, bit-for-bit resume, crash-safe checkpoints,
-the llava-hf export, bad-input errors, FSDP parity between 1 and 2 torchrun ranks (with
-micro-batches that hold no image), step timing and the MFU peak table.
+the llava-hf export, bad-input errors, the same run at 1, 2 and 3 ranks and micro-batches 2, 4
+and 8 (with micro-batches that hold no image), --fsdp torch against --fsdp nano and resuming
+each other's checkpoints, LoRA, bf16 on CPU, step timing and the MFU peak table.
 
 The data is data_prep's toy restricted to a few easy-vqa images; the CLIP tower and the Llama
 are tiny random transformers models saved in the HF layouts train.py reads.
@@ -62,8 +63,7 @@ def stage1(parts):
 
 def test_stage1_trains_only_the_projector_and_saves_it_alone(parts, stage1):
     meta_dir = stage1 / "ckpt" / open(stage1 / "ckpt" / "latest").read()
-    layout = json.load(open(meta_dir / "meta.json"))["layout"]
-    names = [n for f in layout["flats"] for n in f["names"]]
+    names = list(json.load(open(meta_dir / "meta.json"))["layout"]["weights"])
     assert names and all(n.startswith("multi_modal_projector.") for n in names), names
     assert sorted(os.listdir(stage1)) == ["ckpt", "loss.png", "metrics.jsonl", "mm_projector.bin",
                                           "mm_projector.safetensors", "train.lock"]
@@ -120,7 +120,7 @@ def test_resume_after_an_interrupted_checkpoint_is_bit_for_bit(parts, stage1, mo
     train.main(args_for(parts, 2, straight, *common))
 
     crashed = parts["root"] / "crashed"
-    real_save, calls = train.save_file, []
+    real_save, calls = train.train_checkpoint.save_file, []
 
     def dying_save(tensors, path, metadata):   # the second checkpoint (step 3) dies mid-write
         calls.append(path)
@@ -130,10 +130,10 @@ def test_resume_after_an_interrupted_checkpoint_is_bit_for_bit(parts, stage1, mo
             raise KeyboardInterrupt            # not an error nanollava handles: the process dies here
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(train, "save_file", dying_save)
+    monkeypatch.setattr(train.train_checkpoint, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train.main(args_for(parts, 2, crashed, *common))
-    monkeypatch.setattr(train, "save_file", real_save)
+    monkeypatch.setattr(train.train_checkpoint, "save_file", real_save)
     assert open(crashed / "ckpt" / "latest").read() == "step_0000002", "the previous checkpoint must stay current"
 
     train.main(args_for(parts, 2, crashed, *common, "--resume"))
@@ -161,42 +161,202 @@ def test_bad_inputs_fail_before_any_work(parts, stage1, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_fsdp_two_ranks_match_one_rank_with_text_only_micro_batches(parts, stage1):
-    """torchrun --nproc_per_node 2 vs 1 process on data where every other sample has no image:
-    the same samples per step (micro-batch 1, plain shuffle) give the same losses and weights,
-    also when one rank's micro-batch is text-only while the other's has an image (every rank must
-    issue the same collectives). The vision tower is trained too so every unit type is sharded."""
-    from nanollava.data import LengthGroupedSampler
+# ---- scaling out: world size, micro-batch and FSDP engine leave the run unchanged -------------
+
+INVARIANCE_BATCH, INVARIANCE_STEPS = 24, 3
+
+
+def mixed_data(parts):
+    """The toy's stage-2 records, every other one text-only (no image, no <image> tag), repeated
+    to INVARIANCE_STEPS global batches and a half."""
     records = json.load(open(os.path.join(parts["data"], "stage2.json")))
-    for rec in records[1::2]:                                  # text-only: no image, no <image> tag
+    for rec in records[1::2]:
         del rec["image"]
         rec["conversations"][0]["value"] = rec["conversations"][0]["value"].replace("<image>\n", "")
-    data = parts["root"] / "mixed.json"
-    data.write_text(json.dumps(records))
-    steps = 3
-    # the pairs (rank 0, rank 1) of micro-batches the 2-rank run sees: at least one mixes a
-    # text-only sample with an image sample, in each direction
-    order = [LengthGroupedSampler([1] * len(records), 1, 2, r, seed=train.seed, group_by_length=False).indices()
-             for r in range(2)]
-    pairs = [tuple("image" in records[order[r][i]] for r in range(2)) for i in range(2 * steps)]
-    assert (True, False) in pairs and (False, True) in pairs, f"the sampler no longer mixes them: {pairs}"
+    records = (records * 10)[:int((INVARIANCE_STEPS + 0.5) * INVARIANCE_BATCH)]
+    path = parts["root"] / "mixed.json"
+    path.write_text(json.dumps([dict(r, id=f"{r['id']}-{k}") for k, r in enumerate(records)]))
+    return str(path), records
 
-    flags = ("--stage1-out", str(stage1), "--max-steps", str(steps), "--micro-batch", "1", "--lr", "1e-3",
-             "--train-vision-tower", "--vision-lr", "1e-3", "--grad-checkpointing", "--no-group-by-length",
-             "--data", str(data))
-    one, two = parts["root"] / "one", parts["root"] / "two"
-    train.main(args_for(parts, 2, one, *flags))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "train.py", *args_for(parts, 2, two, *flags)],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    la = [json.loads(l)["loss"] for l in open(one / "metrics.jsonl")]
-    lb = [json.loads(l)["loss"] for l in open(two / "metrics.jsonl")]
-    assert len(la) == steps
-    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-5)
-    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=f"{k}: 2 ranks differ from 1")
+
+def invariance_args(parts, stage1, data, out, micro, *extra):
+    """Stage 2 with every unit type sharded (the tower trained too), activation checkpointing,
+    accumulation, and micro-batches that mix image and text-only samples (plain shuffle)."""
+    return args_for(parts, 2, out, "--stage1-out", str(stage1), "--data", data, "--global-batch",
+                    str(INVARIANCE_BATCH), "--micro-batch", str(micro), "--max-steps", str(INVARIANCE_STEPS),
+                    "--lr", "1e-3", "--train-vision-tower", "--vision-lr", "1e-3", "--grad-checkpointing",
+                    "--no-group-by-length", *extra)
+
+
+def _train_ranks(rank, world, ports, runs):
+    """A spawned rank: train.main for each run in turn, as torchrun would start it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    for port, argv in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)
+        train.main(argv)
+
+
+def spawn_training(world, runs):
+    import torch.multiprocessing as mp
+    from test_fsdp import free_port
+    mp.spawn(_train_ranks, args=(world, [free_port() for _ in runs], runs), nprocs=world)
+
+
+@pytest.fixture(scope="module")
+def scaled_runs(parts, stage1):
+    """The same stage-2 run at world sizes 1, 2, 3 and micro-batches 2, 4, 8 (global batch 24),
+    under both FSDP engines, and 2-step runs that the other engine resumes for the last step."""
+    data, _ = mixed_data(parts)
+    root = parts["root"] / "scaled"
+    out = {name: root / name for name in ("w1m8", "w1m2", "w2m4", "w2m4torch", "w3m2", "w3m8",
+                                          "torch_then_nano", "nano_then_torch", "w2_then_w1")}
+    for name, micro in (("w1m8", 8), ("w1m2", 2)):
+        train.main(invariance_args(parts, stage1, data, out[name], micro))
+    two = lambda name, *extra: invariance_args(parts, stage1, data, out[name], 4, *extra)  # noqa: E731
+    spawn_training(2, [two("w2m4"), two("w2m4torch", "--fsdp", "torch"),
+                       two("torch_then_nano", "--fsdp", "torch", "--max-steps", "2"),
+                       two("torch_then_nano", "--fsdp", "nano", "--resume"),
+                       two("nano_then_torch", "--fsdp", "nano", "--max-steps", "2"),
+                       two("nano_then_torch", "--fsdp", "torch", "--resume"),
+                       two("w2_then_w1", "--fsdp", "torch", "--max-steps", "2")])
+    train.main(invariance_args(parts, stage1, data, out["w2_then_w1"], 8, "--resume"))       # 1 rank, micro 8
+    spawn_training(3, [invariance_args(parts, stage1, data, out["w3m2"], 2),
+                       invariance_args(parts, stage1, data, out["w3m8"], 8)])
+    return out
+
+
+def max_difference(a, b):
+    """Max |a - b| over the per-step losses and every exported weight of two runs."""
+    la = torch.tensor([json.loads(l)["loss"] for l in open(a / "metrics.jsonl")])
+    lb = torch.tensor([json.loads(l)["loss"] for l in open(b / "metrics.jsonl")])
+    assert len(la) == len(lb) == INVARIANCE_STEPS, (a, b)
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    return max([(la - lb).abs().max().item()] + [(wa[k] - wb[k]).abs().max().item() for k in wa])
+
+
+def test_world_size_and_micro_batch_leave_training_unchanged(parts, scaled_runs, capsys):
+    """1, 2 and 3 gloo ranks, micro-batches 2, 4 and 8, global batch 24: every step's loss and
+    every final weight agree within 1e-5 (only the order of float sums differs), also for a run
+    that 2 ranks start (--fsdp torch) and 1 rank resumes. Some micro-batches hold no image while
+    another rank's does (every rank must still run the same collectives)."""
+    _, records = mixed_data(parts)
+    has_image = ["image" in r for r in records]
+    steps = train.global_batches([1] * len(records), INVARIANCE_BATCH, train.DEFAULTS["seed"], 0, False)
+    kinds = {tuple(any(has_image[i] for i in train.rank_micro_batches(b, 3, r, 2)[k]) for r in range(3))
+             for b in steps for k in range(4)}
+    assert any(True in k and False in k for k in kinds), f"no step mixes text-only and image micro-batches: {kinds}"
+    diffs = {name: max_difference(scaled_runs["w1m8"], scaled_runs[name])
+             for name in ("w1m2", "w2m4", "w3m2", "w3m8", "w2_then_w1")}
+    with capsys.disabled():
+        print(f"\nmax |difference| vs 1 rank x micro-batch 8: {diffs}")
+    assert max(diffs.values()) <= 1e-5, diffs
+
+
+def test_fsdp_torch_matches_nano_and_each_resumes_the_others_checkpoint(scaled_runs, capsys):
+    """--fsdp torch (PyTorch's FSDP2) and --fsdp nano on 2 ranks: the same losses and weights; a
+    torch checkpoint finishes under nano and a nano one under torch, as if never interrupted."""
+    diffs = {name: max_difference(scaled_runs["w2m4"], scaled_runs[name])
+             for name in ("w2m4torch", "torch_then_nano", "nano_then_torch")}
+    with capsys.disabled():
+        print(f"\nmax |difference| vs --fsdp nano on 2 ranks: {diffs}")
+    assert max(diffs.values()) <= 1e-5, diffs
+    meta = json.load(open(scaled_runs["torch_then_nano"] / "ckpt" / "step_0000003" / "meta.json"))
+    assert meta["layout"]["world"] == 2 and len(os.listdir(scaled_runs["torch_then_nano"] / "ckpt")) == 3
+
+
+def test_nano_shards_are_named_after_the_weights_they_hold_so_each_gets_its_groups_lr(parts):
+    """After --fsdp nano wraps the model, its trainable parameters are flat shards; each one's name
+    must put it in the parameter group (and lr) of its weights: the root holds all three groups."""
+    import torch.distributed as dist
+    from nanollava.checkpoint import load_from_parts
+    from nanollava.fsdp import FSDP
+    model = load_from_parts(parts["clip"], parts["llama"])
+    units = list(model.language_model.model.layers) + list(model.vision_tower.vision_model.encoder.layers)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fsdp = FSDP(model, units, group_fn=train.param_group)
+        shards = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+        assert len(shards) == len(fsdp.flats) and {f.unit.name for f in fsdp.flats if not f.unit.name} == {""}
+        assert {f.group for f in fsdp.flats if f.unit is fsdp.root} == {"llm", "projector", "vision_tower"}
+        for f in fsdp.flats:
+            assert train.param_group(shards[id(f.shard)]) == f.group, (shards[id(f.shard)], f.group, f.names[:3])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_autocast_on_cpu_tracks_the_fp32_loss(parts, stage1, capsys):
+    """--dtype bfloat16 (the GPU default) runs on CPU: autocast, bf16 gathered and frozen weights,
+    fp32 masters and reductions, under both engines; its losses stay within bf16's precision of
+    fp32's and the exported weights stay fp32."""
+    common = ("--stage1-out", str(stage1), "--epochs", "4", "--lr", "1e-3", "--global-batch", "8",
+              "--micro-batch", "4")
+    curves = {}
+    for dtype, fsdp in (("float32", "nano"), ("bfloat16", "nano"), ("bfloat16", "torch")):
+        out = parts["root"] / f"{dtype}_{fsdp}"
+        train.main(args_for(parts, 2, out, *common, "--dtype", dtype, "--fsdp", fsdp))
+        curves[dtype, fsdp] = torch.tensor([json.loads(l)["loss"] for l in open(out / "metrics.jsonl")])
+        final = load_file(out / "final" / "model.safetensors")
+        assert {v.dtype for v in final.values()} == {torch.float32}
+    fp32 = curves["float32", "nano"]
+    with capsys.disabled():
+        print(f"\nbf16 vs fp32 losses: {fp32.tolist()} vs {curves['bfloat16', 'nano'].tolist()} (nano), "
+              f"{curves['bfloat16', 'torch'].tolist()} (torch)")
+    assert not torch.equal(curves["bfloat16", "nano"], fp32), "--dtype bfloat16 changed nothing"
+    for key in (("bfloat16", "nano"), ("bfloat16", "torch")):
+        torch.testing.assert_close(curves[key], fp32, rtol=5e-3, atol=0, msg=f"{key} drifts from fp32")
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------
+
+def test_lora_defaults_are_llava_1_5_finetune_lora():
+    args = train.parse_args(["--stage", "2", "--lora"])
+    assert (args.lora_r, args.lora_alpha, args.lr, args.projector_lr) == (128, 256, 2e-4, 2e-5)
+    full = train.parse_args(["--stage", "2"])
+    assert (full.lr, full.projector_lr) == (2e-5, None), "full fine-tuning: the projector follows --lr"
+
+
+def test_lora_trains_adapters_and_projector_and_exports_a_merged_model_transformers_loads(parts, stage1):
+    from transformers import LlavaForConditionalGeneration
+    from nanollava import LLaVA
+    from nanollava.checkpoint import load_from_parts
+    from nanollava.lora import load_adapters
+    from nanollava.tokenizer import Tokenizer
+    common = ("--stage1-out", str(stage1), "--lora", "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2",
+              "--projector-lr", "1e-2", "--save-every", "1")
+    out, resumed = parts["root"] / "lora", parts["root"] / "lora_resumed"
+    train.main(args_for(parts, 2, out, *common, "--max-steps", "3"))
+    names = json.load(open(out / "ckpt" / "step_0000003" / "meta.json"))["layout"]["weights"]
+    assert names and all(".lora_" in n or n.startswith("multi_modal_projector.") for n in names), names
+    assert sum(".lora_A" in n for n in names) == 2 * 7, "q k v o gate up down in each of the 2 blocks"
+
+    # resume: the adapters and their AdamW state come back
+    train.main(args_for(parts, 2, resumed, *common, "--max-steps", "2"))
+    train.main(args_for(parts, 2, resumed, *common, "--max-steps", "3", "--resume"))
+    a, b = load_file(out / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed LoRA run differs from the straight one"
+
+    # the export is merged: base weights that LoRA wraps changed, the others did not
+    llama = load_file(os.path.join(parts["llama"], "model.safetensors"))
+    assert not torch.equal(a["language_model.model.layers.0.self_attn.q_proj.weight"],
+                           llama["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(a["language_model.model.embed_tokens.weight"], llama["model.embed_tokens.weight"])
+    assert not any("lora" in k for k in a)
+
+    # merged export == base model + adapters, in nanollava and in transformers
+    tok = Tokenizer.from_file(parts["tokenizer"])
+    base = load_from_parts(parts["clip"], parts["llama"], image_token_id=tok.image_token_id)
+    unmerged = load_adapters(base, str(out / "adapters.safetensors")).eval()
+    merged = LLaVA.from_pretrained(str(out / "final")).eval()
+    hf = LlavaForConditionalGeneration.from_pretrained(str(out / "final")).eval()
+    n_img = num_image_tokens(merged.config, (32, 32))
+    ids = torch.tensor([[1] + [merged.config.image_token_id] * n_img + [7, 8, 9]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ours = merged(ids, pixel_values=pixels)
+        torch.testing.assert_close(unmerged(ids, pixel_values=pixels), ours, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hf(input_ids=ids, pixel_values=pixels).logits, ours, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -288,7 +448,7 @@ def test_damaged_latest_checkpoint_falls_back_or_names_the_file(parts, stage1, t
 def test_full_disk_during_a_checkpoint_is_a_clear_error_and_leaves_no_tmp(parts, stage1, tmp_path, monkeypatch):
     out = tmp_path / "full"
     common = ("--stage1-out", str(stage1), "--save-every", "1", "--max-steps", "2")
-    real_save = train.save_file
+    real_save = train.train_checkpoint.save_file
 
     def full_disk(tensors, path, metadata):       # what safetensors raises when the disk fills up
         if "step_0000002" in str(path):
@@ -298,7 +458,7 @@ def test_full_disk_during_a_checkpoint_is_a_clear_error_and_leaves_no_tmp(parts,
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(train, "save_file", full_disk)
+    monkeypatch.setattr(train.train_checkpoint, "save_file", full_disk)
     with pytest.raises(train.files.WriteError, match=r"cannot write .*step_0000002.partial/rank0.safetensors: "
                                                      r".*No space left on device"):
         train.main(args_for(parts, 2, out, *common))
