@@ -1,6 +1,6 @@
 """Run the Triton kernels through Triton's CPU interpreter on machines without a GPU.
 
-triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when `kernels` is first
+triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when `nanollava.kernels` is first
 imported, and pytest imports every test module into one process; so it is set here, before any.
 """
 import os

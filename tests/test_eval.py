@@ -324,7 +324,8 @@ def test_pope_with_every_answer_failed_scores_zero_and_says_so(tmp_path, capsys)
         _write(tmp_path / f"coco_pope_{split}.json",
                [dict(question_id=i + 1, text=f"Is there a cat {i}?", label=lab) for i, lab in enumerate(labels)])
         for i in range(len(labels)):
-            qs.append(dict(question_id=qid, image="x.jpg", text=f"Is there a cat {i}?", category=split))
+            qs.append(dict(question_id=qid, image="x.jpg", text=f"Is there a cat {i}?\nAnswer the question using a "
+                           f"single word or phrase.", category=split))     # llava_pope_test.jsonl's format
             qid += 1
     _write(tmp_path / "q.jsonl", qs)
     answers = [dict(question_id=q["question_id"], prompt=q["text"], text="", answer_id="x", model_id="m",

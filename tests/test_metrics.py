@@ -122,11 +122,14 @@ def test_mme_scores_acc_plus():
 
 
 def test_anls():
-    assert metrics.anls("Hello", ["hello "]) == 1.0
+    assert metrics.anls("Hello", ["hello"]) == 1.0
     assert metrics.anls("helo", ["hello"]) == pytest.approx(1 - 1 / 5)
-    assert metrics.anls("abc", ["xyz"]) == 0.0                       # NL 1.0 >= 0.5
-    assert metrics.anls("abcd", ["abxy", "zzzz"]) == 0.0             # NL exactly 0.5 -> 0
+    assert metrics.anls("abc", ["xyz"]) == 0.0                       # 1 - NL = 0 < 0.5
+    assert metrics.anls("abcd", ["abxy", "zzzz"]) == 0.5             # 1 - NL exactly 0.5 is kept
+    assert metrics.anls("abcd", ["abxyz"]) == 0.0                    # 1 - 3/5 = 0.4 < 0.5
     assert metrics.anls("abcd", ["zzzz", "abcx"]) == pytest.approx(0.75)  # max over gts
+    # distances on normalised text, lengths on the raw strings: "Hello " vs "hello" is 1 - 0/6
+    assert metrics.anls("  Hello ", ["hello"]) == 1.0 and metrics.anls("hell", ["Hello  "]) == pytest.approx(1 - 1 / 7)
 
 
 def test_relaxed_accuracy():
