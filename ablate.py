@@ -41,7 +41,7 @@ import time
 
 from tqdm import tqdm
 
-from nanollava import toy
+from nanollava import benchmarks, toy
 
 LR = {1: 1e-3, 2: 2e-3}          # pipeline.py's toy lr per stage (batch 32 both)
 BATCH = 32
@@ -230,12 +230,12 @@ class Plan:
         from nanollava.llava import num_image_tokens
         ev = importlib.import_module("eval")
         path = os.path.join(job.out, "answers.jsonl")
-        answers = ev.match_questions(ev.read_answers(path), ev.read_jsonl(job.questions), path)
+        answers = ev.match_questions(benchmarks.read_answers(path), benchmarks.read_jsonl(job.questions), path)
         model = LLaVA.from_pretrained(os.path.join(job.out, "train", "final"))
         params = {part: sum(p.numel() for p in getattr(model, part).parameters())
                   for part in ("vision_tower", "multi_modal_projector", "language_model")}
         with open(os.path.join(job.out, "scores.json"), "w") as f:
-            json.dump(dict(scores=ev.score_shapes(answers, os.path.join(self.data, "eval_answers.jsonl"), path),
+            json.dump(dict(scores=benchmarks.score_shapes(answers, os.path.join(self.data, "eval_answers.jsonl"), path),
                            tokens=num_image_tokens(model.config, (shapes.CANVAS, shapes.CANVAS)), params=params), f)
 
     def phases(self):

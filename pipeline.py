@@ -16,8 +16,8 @@ Phases, each the real script run as a subprocess (so exactly the real code paths
   6. stage 2   train.py --stage 2         projector + LLM, multi-turn QA, `vicuna_v1`
   7. eval      eval.py                    the final model
   8. samples   sample.py                  a few held-out test images, greedy answers
-  9. results   OUT/results.md             markdown table; loss curves OUT/pretrain_{vision,text}.png,
-                                          OUT/stage{1,2}/loss.png
+  9. results   OUT/results.md             markdown table, and as bars OUT/results.png; training curves
+                                          OUT/pretrain_{vision,text}.png, OUT/stage{1,2}/loss.png
 
 Evaluation is the held-out easy-vqa TEST split (never trained on): open-question accuracy
 (exact match after VQA normalisation, all questions) and POPE-style yes/no accuracy / F1 over
@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 
-from nanollava import toy
+from nanollava import plots, toy
 
 # toy overrides of train.py's LLaVA-1.5 defaults (documented in the module docstring / docs/results.md)
 TOY_TRAIN = {
@@ -147,12 +147,10 @@ def main(argv=None):
     else:
         times["pretrain"] = run("pretrain", cmd, logs, env)
     clip_dir, llm_dir = os.path.join(out, "clip"), os.path.join(out, "llama")
-    from train import draw_loss_curve                 # the same little PNG plotter train.py uses
     for part in ("vision", "text"):
         with open(os.path.join(out, f"pretrain_{part}.jsonl")) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        draw_loss_curve([r["step"] for r in rows], [r["loss"] for r in rows],
-                        os.path.join(out, f"pretrain_{part}.png"), f"toy pretraining ({part}) loss")
+        plots.training_curves(rows, os.path.join(out, f"pretrain_{part}.png"), f"toy pretraining ({part})")
 
     def evaluate(name, model_dir):
         answers = os.path.join(out, f"answers_{name}.jsonl")
@@ -214,6 +212,7 @@ def main(argv=None):
     report = results_markdown(args, n_eval, scores, times, samples, data)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report)
+    results_chart(scores, os.path.join(out, "results.png"))
     print("\n" + report)
     print(f"wrote {os.path.join(out, 'results.md')}")
     return scores, times
@@ -225,15 +224,25 @@ def score(answers, gt):
     return importlib.import_module("eval").score_toy(answers, gt)
 
 
+ROWS = [("pretrained only (no visual training)", "pretrained", "pretrain"),
+        ("after stage 1 (projector, captions)", "stage1", "stage1"),
+        ("after stage 2 (projector + LLM, QA)", "stage2", "stage2")]
+
+
+def results_chart(scores, path):
+    """The results table as bars: each model's accuracy (all, open, yes/no) and yes/no F1."""
+    columns = [("toy_acc", "accuracy (all)"), ("open/acc", "open-question acc"), ("yesno/acc", "yes/no acc"),
+               ("yesno/f1", "yes/no F1")]
+    plots.bars({label: {name: scores[key].get(k, 0.0) for k, name in columns} for label, key, _ in ROWS},
+               path, f"toy: {scores['stage2']['n']} held-out easy-vqa test questions")
+
+
 def results_markdown(args, n_eval, scores, times, samples, data):
     gt = {}
     with open(os.path.join(data, "eval_answers.jsonl")) as f:
         for line in f:
             r = json.loads(line)
             gt[r["question_id"]] = r["answer"]
-    rows = [("pretrained only (no visual training)", "pretrained", "pretrain"),
-            ("after stage 1 (projector, captions)", "stage1", "stage1"),
-            ("after stage 2 (projector + LLM, QA)", "stage2", "stage2")]
     n = scores["stage2"]["n"]
     n_yn = scores["stage2"].get("yesno/n", 0)
     n_open = scores["stage2"].get("open/n", 0)
@@ -243,7 +252,7 @@ def results_markdown(args, n_eval, scores, times, samples, data):
              "| model | accuracy (all) | open-question acc | yes/no acc | yes/no F1 | yes ratio | train time "
              "| eval time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, key, phase in rows:
+    for label, key, phase in ROWS:
         s = scores[key]
         lines.append(f"| {label} | {s['toy_acc']:.1f}% | {s.get('open/acc', 0):.1f}% | {s.get('yesno/acc', 0):.1f}% | "
                      f"{s.get('yesno/f1', 0):.1f}% | {s.get('yesno/yes_ratio', 0):.1f}% | "
@@ -253,7 +262,8 @@ def results_markdown(args, n_eval, scores, times, samples, data):
         lines.append(f"| {k} | {times[k]:.1f}s |")
     lines += [f"| **total** | **{times['total']:.1f}s ({times['total'] / 60:.1f} min)** |", "",
               f"Machine: {os.cpu_count()}-core CPU, {args.threads} threads per phase. "
-              f"Loss curves: {args.out}/pretrain_{{vision,text}}.png, {args.out}/stage{{1,2}}/loss.png.", "",
+              f"Training curves: {args.out}/pretrain_{{vision,text}}.png, {args.out}/stage{{1,2}}/loss.png; "
+              f"this table as bars: {args.out}/results.png.", "",
               "Sample answers (stage-2 model, held-out test images):", ""]
     for q, answer in samples:
         lines.append(f"- `{q['image']}` {q['text'].splitlines()[0]} -> **{answer}** (truth: {gt[q['question_id']]})")

@@ -54,6 +54,11 @@ def load_images(paths, config):
         if not path.is_file():
             raise FileNotFoundError(f"image {path} does not exist")
         imgs.append(open_image(str(path)))              # corrupt, too large, too thin: a ValueError
+    return prepare_images(imgs, config)
+
+
+def prepare_images(imgs, config):
+    """Decoded PIL images -> (pixel_values (N, ...), image_sizes (N, 2), visual tokens per image)."""
     processed = image_lib.process_images(imgs, config)
     pixels = [p for p, _, _ in processed]
     pixel_values = pad_views(pixels) if config.image_aspect_ratio == "anyres" else torch.stack(pixels)

@@ -414,30 +414,6 @@ def save_original_projector(model, path):
         torch.save(state, f)                     # .safetensors twin (or a .bin with weights_only=True)
 
 
-def draw_loss_curve(steps, losses, path, title):
-    """A small loss-vs-step PNG with Pillow (no matplotlib dependency)."""
-    from PIL import Image, ImageDraw
-    W, H, m = 640, 400, 50
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
-    if len(losses) >= 1:
-        lo, hi = min(losses), max(losses)
-        hi = hi if hi > lo else lo + 1e-6
-        s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
-        pts = [(m + (s - s0) / (s1 - s0) * (W - 1.5 * m), H - m - (l - lo) / (hi - lo) * (H - 1.5 * m))
-               for s, l in zip(steps, losses)]
-        d.line(pts, fill="blue", width=2) if len(pts) > 1 else d.ellipse([pts[0][0] - 2, pts[0][1] - 2,
-                                                                           pts[0][0] + 2, pts[0][1] + 2], fill="blue")
-        d.text((5, m // 2), f"{hi:.3f}", fill="black")
-        d.text((5, H - m - 10), f"{lo:.3f}", fill="black")
-        d.text((m, H - m + 5), f"step {s0}", fill="black")
-        d.text((W - 2 * m, H - m + 5), f"step {steps[-1]}", fill="black")
-    d.text((m, 5), title, fill="black")
-    with files.atomic_write(path, "wb") as f:
-        img.save(f, format="PNG")
-
-
 # ---- metrics --------------------------------------------------------------------------------
 
 def flops_per_token(model_numel, llm_numel, trainable_numel):
@@ -712,8 +688,8 @@ def run(args):
         with open(metrics_path) as f:
             records = [json.loads(l) for l in f]
         if records:
-            draw_loss_curve([r["step"] for r in records], [r["loss"] for r in records],
-                            os.path.join(args.out, "loss.png"), f"stage {args.stage} loss")
+            from nanollava import plots
+            plots.training_curves(records, os.path.join(args.out, "loss.png"), f"stage {args.stage}")
         print(f"done: {args.out}" + ("" if args.stage == 1 else f" (model: {args.out}/final)"))
 
 

@@ -13,7 +13,7 @@ can check:
   engines  the same with --fsdp nano and --fsdp torch under torchrun, NCCL, one rank: they must agree
   mfu      training steps of a 1.4B LLaVA (CLIP-L/336 + a 1.1B LLaMA): MFU (target >= 40%)
   decode   batch-1 decoding of a Vicuna-7B-shaped LLM: tokens/s vs the HBM bound (target >= 70%)
-  bench    python -m kernels.bench: Triton vs SDPA and nn.RMSNorm at the LLaVA-1.5 shapes,
+  bench    python -m nanollava.kernels.bench: Triton vs SDPA and nn.RMSNorm at the LLaVA-1.5 shapes,
            against the targets (attention >= 1.0x SDPA at ViT, >= 0.9x at Vicuna; RMSNorm >= 70%
            of HBM bandwidth and faster than nn.RMSNorm)
   kernels  the rest of tests/test_kernels.py (small tiles, every feature) on CUDA
@@ -81,8 +81,8 @@ def steps(work):
         ("mfu", [checks + ["mfu", "--shape", "1b", "--rows", os.path.join(work, "mfu.json")]], 90, "training MFU"),
         ("decode", [checks + ["decode", "--shape", "7b", "--rows", os.path.join(work, "decode.json")]], 60,
          "7B decode"),
-        ("bench", [[py, "-m", "kernels.bench", "--json", bench_json],
-                   checks + ["kernels", bench_json, "--rows", os.path.join(work, "bench.json")]], 100, "kernels.bench"),
+        ("bench", [[py, "-m", "nanollava.kernels.bench", "--json", bench_json],
+                   checks + ["kernels", bench_json, "--rows", os.path.join(work, "bench.json")]], 100, "nanollava.kernels.bench"),
         ("kernels", [kernel_tests + ["-k", f"not ({TILE_TESTS})"]], 240, "kernel tests"),
     ]
 
@@ -185,7 +185,7 @@ def main(argv=None):
         f.write(f"## GPU check, {when}\n\n{machine()}, commit {commit()}.\n\n"
                 f"```\npython3 -m bench.gpu{' --only ' + ' '.join(args.only) if args.only else ''}"
                 f"      # {time.time() - started:.0f} s in all\n```\n\n"
-                + "\n".join(table) + f"\n\n`python -m kernels.bench`:\n\n```\n{bench}\n```\n")
+                + "\n".join(table) + f"\n\n`python -m nanollava.kernels.bench`:\n\n```\n{bench}\n```\n")
     print("\n" + "\n".join(table))
     print(f"\n{time.time() - started:.0f} s; {os.path.join(args.out, 'benchmarks.md')} is ready for BENCHMARKS.md"
           + (f"; FAILED: {', '.join(failed)} (see their logs)" if failed else ""))

@@ -6,7 +6,7 @@ target], as JSON to --rows.
     python -m bench.gpu_checks compare A B --rtol 0.02       # two train.py runs: the same loss curve?
     python -m bench.gpu_checks mfu --shape 1b                # one training step's MFU, LLaVA with a 1.1B LLM
     python -m bench.gpu_checks decode --shape 7b             # batch-1 decode tokens/s vs the HBM bound
-    python -m bench.gpu_checks kernels BENCH.json            # kernels.bench --json against the targets
+    python -m bench.gpu_checks kernels BENCH.json            # nanollava.kernels.bench --json against the targets
 
 The targets (issue 14) are reported, not asserted: attention fwd+bwd >= 1.0x SDPA at the ViT shape
 and >= 0.9x at the Vicuna shape; RMSNorm >= 70% of HBM bandwidth and faster than nn.RMSNorm;
@@ -236,10 +236,10 @@ def decode(shape, device, prompt, new_tokens, rows_path):
     write_rows(rows_path, [[f"decode at batch 1, {shape} LLM, {str(dtype).removeprefix('torch.')}", result, ">= 70%"]])
 
 
-# ---- kernels.bench against the targets --------------------------------------------------------------
+# ---- nanollava.kernels.bench against the targets --------------------------------------------------------------
 
 def kernels(bench_json, rows_path):
-    """Rows for kernels.bench --json: attention fwd+bwd vs SDPA at the ViT and Vicuna shapes,
+    """Rows for nanollava.kernels.bench --json: attention fwd+bwd vs SDPA at the ViT and Vicuna shapes,
     RMSNorm's bandwidth and its speedup over nn.RMSNorm."""
     bench = json.load(open(bench_json))
     bandwidth = next((b for k, b in PEAK_HBM_BYTES if k in bench["device"]), None)
@@ -261,7 +261,7 @@ def kernels(bench_json, rows_path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("toy", "compare", "mfu", "decode", "kernels"))
-    p.add_argument("paths", nargs="*", help="toy: DIR; compare: train.py OUT dirs; kernels: kernels.bench JSON")
+    p.add_argument("paths", nargs="*", help="toy: DIR; compare: train.py OUT dirs; kernels: nanollava.kernels.bench JSON")
     p.add_argument("--rows", help="write the table rows here (JSON)")
     p.add_argument("--check", default="runs agree", help="compare: what the row says is checked")
     p.add_argument("--rtol", type=float, default=0.02, help="compare: largest relative loss difference")

@@ -6,66 +6,47 @@ Every number in the picture comes from nanollava.anyres (HF convention, LLaVA-v1
 CLIP ViT-L/14 at 336 px), so the figure cannot drift from the code:
   1. the photo; 2. the base view (squashed to 336 x 336); 3. the canvas of the best pinpoint,
   image fitted and padded with black, cut into 336 px tiles; 4. the feature grid: 24 x 24 features
-  per tile, the rows that only saw padding struck out by unpad, an image_newline after each row.
+  per tile, the rows that only saw padding greyed out (unpad removes them), an image_newline after
+  each row. Drawn with matplotlib.
 """
+import io
 import os
 import sys
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.figure import Figure
+from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from nanollava import anyres, image  # noqa: E402
 
 TILE, SIDE = 336, 24                       # CLIP-L/336: a tile gives 24 x 24 features
-BG, INK, PAD, NEWLINE = (255, 255, 255), (30, 30, 30), (60, 60, 60), (245, 130, 20)
+PAD, NEWLINE = (0.85, 0.85, 0.85), (0.96, 0.51, 0.08)   # removed cells light grey, image_newline orange
 
 
-def font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:                      # Pillow < 10.1: fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def fit_height(img, height):
-    return img.resize((round(img.width * height / img.height), height), Image.Resampling.BICUBIC)
-
-
-def tiles_panel(views, grid, scale, gap=6):
-    """The gh x gw tiles (views[1:]) drawn apart by `gap` pixels, each shrunk by `scale`."""
+def tiles_panel(views, grid, gap=12):
+    """The gh x gw tiles (views[1:]) side by side, `gap` white pixels apart (uint8 RGB array)."""
     gh, gw = grid
-    t = round(TILE * scale)
-    panel = Image.new("RGB", (gw * t + (gw - 1) * gap, gh * t + (gh - 1) * gap), BG)
+    panel = np.full((gh * TILE + (gh - 1) * gap, gw * TILE + (gw - 1) * gap, 3), 255, np.uint8)
     for k, tile in enumerate(views[1:]):
         r, c = divmod(k, gw)
-        panel.paste(tile.resize((t, t), Image.Resampling.BICUBIC), (c * (t + gap), r * (t + gap)))
+        panel[r * (TILE + gap):r * (TILE + gap) + TILE, c * (TILE + gap):c * (TILE + gap) + TILE] = np.asarray(tile)
     return panel
 
 
-def token_panel(canvas, size, grid, cell=6):
-    """(gh*24, gw*24) feature cells coloured by the canvas pixels they see; unpadded rows/cols
-    kept, the rest struck through; one orange image_newline cell closes every kept row."""
+def token_grid(canvas, size, grid):
+    """(gh*24, gw*24 + 1) cells: each kept feature coloured by the canvas pixels it sees, the
+    padding's features (removed by unpad) grey, one image_newline cell closing every kept row."""
     gh, gw = grid
     rows, cols = gh * SIDE, gw * SIDE
     kept_h, kept_w = anyres.unpad_shape((rows, cols), size)
     top, left = (rows - kept_h) // 2, (cols - kept_w) // 2
-    colours = np.asarray(canvas.resize((cols, rows), Image.Resampling.BOX))      # mean colour per feature
-    panel = Image.new("RGB", ((cols + 1) * cell + 4, rows * cell), BG)
-    draw = ImageDraw.Draw(panel)
-    for r in range(rows):
-        kept_row = top <= r < top + kept_h
-        for c in range(cols):
-            x, y = c * cell, r * cell
-            if kept_row and left <= c < left + kept_w:
-                draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=tuple(int(v) for v in colours[r, c]))
-            else:
-                draw.rectangle((x, y, x + cell - 2, y + cell - 2), outline=PAD)
-                draw.line((x, y + cell - 2, x + cell - 2, y), fill=PAD)
-        if kept_row:
-            x = cols * cell + 4
-            draw.rectangle((x, r * cell, x + cell - 2, r * cell + cell - 2), fill=NEWLINE)
-    return panel, (kept_h, kept_w)
+    cells = np.ones((rows, cols + 1, 3))
+    cells[:, :cols] = PAD
+    colours = np.asarray(canvas.resize((cols, rows), Image.Resampling.BOX)) / 255    # mean colour per feature
+    cells[top:top + kept_h, left:left + kept_w] = colours[top:top + kept_h, left:left + kept_w]
+    cells[top:top + kept_h, cols] = NEWLINE
+    return cells, (kept_h, kept_w)
 
 
 def main(out=None):
@@ -79,37 +60,28 @@ def main(out=None):
     views = image.tiles(photo, canvas_hw, TILE)
     canvas = image.resize_and_pad(photo, canvas_hw)
     n_tokens = anyres.num_tokens(size, pinpoints, TILE, SIDE)
+    cells, (kh, kw) = token_grid(canvas, size, grid)
 
-    h = 300
-    panels = [
-        (fit_height(photo, h), f"image {size[1]} x {size[0]} (w x h)"),
-        (views[0].resize((h * 3 // 4, h * 3 // 4), Image.Resampling.BICUBIC),
-         "1. base view: squashed to 336 x 336"),
-        (tiles_panel(views, grid, scale=(h - 6 * (grid[0] - 1)) / (grid[0] * TILE)),
-         f"2. canvas {canvas_hw[1]} x {canvas_hw[0]}: fit, pad black, {grid[0]} x {grid[1]} tiles"),
-    ]
-    tokens, (kh, kw) = token_panel(canvas, size, grid)
-    panels.append((tokens, f"3. features {grid[0] * SIDE} x {grid[1] * SIDE} -> unpad {kh} x {kw} + newline"))
-
-    title, label = font(20), font(15)
-    gap, margin = 28, 20
-    width = sum(p.width for p, _ in panels) + gap * (len(panels) - 1) + 2 * margin
-    height = margin + 30 + max(p.height for p, _ in panels) + 60 + margin
-    fig = Image.new("RGB", (width, height), BG)
-    draw = ImageDraw.Draw(fig)
-    draw.text((margin, margin), "LLaVA-NeXT AnyRes (v1.6 pinpoints, CLIP-L/336)", fill=INK, font=title)
-    x, y = margin, margin + 34
-    for panel, text in panels:
-        fig.paste(panel, (x, y))
-        draw.text((x, y + panel.height + 8), text, fill=INK, font=label)
-        x += panel.width + gap
-    draw.text((margin, height - margin - 18),
-              f"visual tokens = {SIDE * SIDE} (base) + {kh} rows x ({kw} + 1 newline) = {n_tokens}"
-              "      struck-out cells: features of the black padding, removed by unpad",
-              fill=INK, font=label)
-    fig = fig.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    fig.save(out, optimize=True)
-    print(f"wrote {out} ({os.path.getsize(out) // 1024} KB, {fig.width} x {fig.height}), {n_tokens} tokens")
+    fig = Figure(figsize=(17, 4.6), layout="constrained")
+    axes = fig.subplots(1, 4, width_ratios=[photo.width / photo.height, 1, grid[1] / grid[0], (cells.shape[1]) / cells.shape[0]])
+    panels = [(np.asarray(photo), f"image {size[1]} x {size[0]} (w x h)"),
+              (np.asarray(views[0]), "1. base view: squashed to 336 x 336"),
+              (tiles_panel(views, grid), f"2. canvas {canvas_hw[1]} x {canvas_hw[0]}: fit, pad black, "
+                                         f"{grid[0]} x {grid[1]} tiles"),
+              (cells, f"3. features {grid[0] * SIDE} x {grid[1] * SIDE} -> unpad {kh} x {kw} + newline")]
+    for ax, (pixels, title) in zip(axes, panels):
+        ax.imshow(pixels, interpolation="nearest" if pixels is cells else "antialiased")
+        ax.set_title(title, fontsize=11)
+        ax.set_axis_off()
+    fig.suptitle("LLaVA-NeXT AnyRes (v1.6 pinpoints, CLIP-L/336)", fontsize=14)
+    fig.text(0.01, 0.01, f"visual tokens = {SIDE * SIDE} (base) + {kh} rows x ({kw} + 1 newline) = {n_tokens}.   "
+             "Grey cells: features of the black padding, removed by unpad; orange: image_newline.", fontsize=11)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    buf.seek(0)                            # 128 colours keep the PNG small in the repository
+    Image.open(buf).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT,
+                                            dither=Image.Dither.NONE).save(out, optimize=True)
+    print(f"wrote {out} ({os.path.getsize(out) // 1024} KB), {n_tokens} tokens")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark the Triton kernels against PyTorch at the real LLaVA-1.5 shapes (needs a CUDA GPU).
 
-    python -m kernels.bench                  # every case
-    python -m kernels.bench --only attention # or rms_norm
+    python -m nanollava.kernels.bench                  # every case
+    python -m nanollava.kernels.bench --only attention # or rms_norm
 
 Attention: flash_attention vs F.scaled_dot_product_attention (PyTorch picks its best backend:
 FlashAttention-2 / cuDNN / memory-efficient; for GQA the baseline gets K, V already repeated to
@@ -20,9 +20,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kernels.flash_attention import flash_attention
-from kernels.reference import rms_norm_reference
-from kernels.rms_norm import rms_norm
+from nanollava.kernels.flash_attention import flash_attention
+from nanollava.kernels.reference import rms_norm_reference
+from nanollava.kernels.rms_norm import rms_norm
 
 # (name, B, Hq, Hkv, T, D, causal): T == S, bf16
 ATTENTION_CASES = [

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 
 import torch
 
-from kernels.flash_attention import flash_attention
-from kernels.reference import attention_reference, rms_norm_reference
-from kernels.rms_norm import rms_norm as rms_norm_triton
+from nanollava.kernels.flash_attention import flash_attention
+from nanollava.kernels.reference import attention_reference, rms_norm_reference
+from nanollava.kernels.rms_norm import rms_norm as rms_norm_triton
 
 _impl = os.environ.get("NANOLLAVA_KERNELS", "auto")
 

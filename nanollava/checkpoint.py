@@ -120,14 +120,15 @@ IMPLEMENTED = {
 }
 
 # The conversation template, from the checkpoint's own files. First the chat template (or, failing
-# that, the special tokens) its tokenizer files carry, first sign found wins; then the original code's
-# model_type. A checkpoint that shows none has no template: sample.py and eval.py ask for --template.
+# that, the special tokens) its tokenizer files carry, first sign found wins, (sign, the LLM it needs,
+# template); then the original code's model_type. A checkpoint that shows none has no template:
+# sample.py and eval.py ask for --template.
 TEMPLATE_SIGNS = [
-    ("<|start_header_id|>", "llava_llama_3"),   # the Llama-3 chat format: llama3-llava-next-8b
-    ("<|im_start|>system\nYou are a helpful assistant.", "qwen_1_5"),   # Qwen chatml: OneVision, Interleave
-    ("<|im_start|>", "chatml_direct"),          # Yi-34B chatml: llava-v1.6-34b
-    ("[INST]", "mistral_instruct"),             # llava-v1.6-mistral-7b
-    ("ASSISTANT:", "vicuna_v1"),                # "USER: ... ASSISTANT:": llava-1.5, llava-v1.6-vicuna
+    ("<|start_header_id|>", None, "llava_llama_3"),   # the Llama-3 chat format: llama3-llava-next-8b
+    ("<|im_start|>", "qwen2", "qwen_1_5"),            # Qwen's chatml: OneVision, Interleave
+    ("<|im_start|>", None, "chatml_direct"),          # Yi-34B's chatml: llava-v1.6-34b
+    ("[INST]", None, "mistral_instruct"),             # llava-v1.6-mistral-7b
+    ("ASSISTANT:", None, "vicuna_v1"),                # "USER: ... ASSISTANT:": llava-1.5, llava-v1.6-vicuna
 ]
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json", "tokenizer.json")
 # (model_type, vocabulary size or None for any): an original LLaVA with a LLaMA-2-vocabulary LLM is Vicuna
@@ -391,8 +392,9 @@ def check_config(config, where):
     return config
 
 
-def infer_template(directory):
+def infer_template(directory, text_config):
     """The conversation template a checkpoint's tokenizer files name (TEMPLATE_SIGNS), or None."""
+    llm = "qwen2" if text_config.qkv_bias else None
     texts = []
     for name in TEMPLATE_FILES:
         path = os.path.join(directory, name)
@@ -403,8 +405,8 @@ def infer_template(directory):
                 text = " ".join(t.get("content", "") for t in (read_json(path).get("added_tokens") or []))
             texts.append(text)
     for text in texts:                                        # chat templates before special tokens
-        for sign, template in TEMPLATE_SIGNS:
-            if sign in text:
+        for sign, needs, template in TEMPLATE_SIGNS:
+            if sign in text and needs in (None, llm):
                 return template
     return None
 
@@ -437,7 +439,7 @@ def read_config(path, vision_tower=None):
         raise ValueError(f"{where}: neither a llava-hf config (text_config/vision_config) nor an original LLaVA "
                          "config (mm_vision_tower); for separate CLIP and Llama directories use load_from_parts")
     if "template" not in d:                                    # nanollava's own config says it
-        config.template = infer_template(path) or config.template
+        config.template = infer_template(path, config.text) or config.template
     return check_config(config, where), directories
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import dispatch
+from nanollava.kernels import dispatch
 
 
 def quick_gelu(x):

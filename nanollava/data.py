@@ -22,6 +22,7 @@ at most MAX_ASPECT_RATIO (`crop` scales the short side to 336: a 30000x1 strip w
 336 x 10 million pixels). Decoding memory is bounded by the pixel count, not the file size: a
 169-byte PNG can claim 30000x30000 pixels.
 """
+import io
 import json
 import os
 import warnings
@@ -41,6 +42,10 @@ FOLDER_PROBE = 32                 # images looked up to tell a wrong --image-fol
 
 class DataError(RuntimeError):
     """The data cannot be used at all (not one bad record: those are skipped)."""
+
+
+class ImageTooLarge(ValueError):
+    """An image over MAX_IMAGE_PIXELS (or PIL's own decompression-bomb limit): serve.py answers 413."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,21 +141,22 @@ def check_image_size(width, height, path):
         raise ValueError(f"image too thin: {width}x{height} (aspect ratio {side / min(width, height):.0f}:1, "
                          f"limit {MAX_ASPECT_RATIO}:1): {path}")
     if side * side > MAX_IMAGE_PIXELS:
-        raise ValueError(f"image too large: {width}x{height} ({side}x{side} = {side * side:,} pixels once "
+        raise ImageTooLarge(f"image too large: {width}x{height} ({side}x{side} = {side * side:,} pixels once "
                          f"padded to a square, limit {MAX_IMAGE_PIXELS:,}): {path}")
 
 
-def open_image(path):
+def open_image(path, data=None):
     """Open, size-check (header only) and fully decode an image; clear errors for missing, empty,
-    corrupt, oversized, too thin or 0-size files."""
-    if not os.path.isfile(path):
+    corrupt, oversized, too thin or 0-size files. data: the image's bytes (an upload, a base64
+    field of a question file); `path` then only names it in errors."""
+    if data is None and not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    if os.path.getsize(path) == 0:
+    if (len(data) if data is not None else os.path.getsize(path)) == 0:
         raise ValueError(f"image file is empty (0 bytes): {path}")
     try:
-        img = Image.open(path)                    # reads the header only
+        img = Image.open(path if data is None else io.BytesIO(data))      # reads the header only
     except Image.DecompressionBombError as e:     # PIL's own limit, > 2 * its MAX_IMAGE_PIXELS
-        raise ValueError(f"image too large: {e}: {path}") from None
+        raise ImageTooLarge(f"image too large: {e}: {path}") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError ...
         raise ValueError(f"unreadable or corrupt image {path}: {e}") from None
     check_image_size(img.width, img.height, path)

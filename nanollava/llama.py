@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import dispatch
+from nanollava.kernels import dispatch
 
 
 class RMSNorm(nn.Module):

@@ -306,20 +306,18 @@ def _levenshtein(a, b):
 
 
 def anls(prediction, gt_answers, threshold=0.5):
-    """Average Normalized Levenshtein Similarity for one question (DocVQA, Biten et al. 2019).
-
-    max over ground truths of 1 - NL(gt, pred) if NL < threshold else 0, after lower-casing
-    and collapsing whitespace as the DocVQA evaluator does.
-    """
+    """Average Normalized Levenshtein Similarity for one question (DocVQA, Biten et al. 2019), as
+    the InfographicVQA / DocVQA evaluator that lmms-eval and Qwen-VL copy computes it: edit distance
+    between the lower-cased, whitespace-collapsed strings over the longer RAW length, 1 - the
+    smallest over the ground truths, 0 below the threshold (so exactly 0.5 scores 0.5)."""
     def norm(s):
         return " ".join(s.strip().lower().split())
-    pred = norm(prediction)
-    best = 0.0
+    nls = []
     for gt in gt_answers:
-        gt = norm(gt)
-        nl = _levenshtein(gt, pred) / max(len(gt), len(pred), 1)
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
-    return best
+        length = max(len(gt.upper()), len(prediction.upper()))      # sic: not the normalised lengths
+        nls.append(_levenshtein(norm(gt), norm(prediction)) / length if length else 0.0)
+    best = 1.0 - min(nls)
+    return best if best >= threshold else 0.0
 
 
 def relaxed_accuracy(prediction, target, max_relative_change=0.05):

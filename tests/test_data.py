@@ -363,8 +363,8 @@ def test_image_guards_bound_pixels_and_aspect_ratio_from_the_header(folder, tok)
     ds = LLaVADataset(write_json(folder / "d.json", records), str(imgs), tok, CONFIG, "vicuna_v1")
     with pytest.warns(UserWarning, match="skipping record"):
         sample = ds[0]
-    assert sample["image_sizes"] == [(30, 40)] and sample["skipped"] == {"ValueError": 3}
-    assert ds.skipped == {"ValueError": 3}
+    assert sample["image_sizes"] == [(30, 40)] and sample["skipped"] == {"ValueError": 2, "ImageTooLarge": 1}
+    assert ds.skipped == {"ValueError": 2, "ImageTooLarge": 1}
 
 
 def test_memory_error_while_decoding_is_a_counted_skip(folder, tok, monkeypatch):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-POPE_DIR = ROOT.parent / "shared" / "fixtures" / "pope"
 
 
 def _load_script(name):
@@ -150,12 +149,10 @@ def test_answer_file_for_another_benchmark_is_rejected(toy, tmp_path):
     assert str(exit_info.value.code).startswith("eval.py: error:") and "another benchmark" in str(exit_info.value.code)
 
 
-def test_pope_scoring_cli_reproduces_published_llava_13b_f1(capsys):
-    if not POPE_DIR.is_dir():
-        pytest.skip(f"POPE fixture not found at {POPE_DIR} (expected shared/ beside the repo)")
-    scores = eval_script.main(["--benchmark", "pope", "--answers", str(POPE_DIR / "answers_llava-v1.5-13b.jsonl"),
-                               "--questions", str(POPE_DIR / "llava_pope_test.jsonl"),
-                               "--annotations", str(POPE_DIR)])
+def test_pope_scoring_cli_reproduces_published_llava_13b_f1(capsys, pope_dir):
+    scores = eval_script.main(["--benchmark", "pope", "--answers", str(pope_dir / "answers_llava-v1.5-13b.jsonl"),
+                               "--questions", str(pope_dir / "llava_pope_test.jsonl"),
+                               "--annotations", str(pope_dir)])
     assert round(scores["pope"], 2) == 85.95 and scores["n"] == 8910
     assert "85.95" in capsys.readouterr().out
 
@@ -327,7 +324,8 @@ def test_pope_with_every_answer_failed_scores_zero_and_says_so(tmp_path, capsys)
         _write(tmp_path / f"coco_pope_{split}.json",
                [dict(question_id=i + 1, text=f"Is there a cat {i}?", label=lab) for i, lab in enumerate(labels)])
         for i in range(len(labels)):
-            qs.append(dict(question_id=qid, image="x.jpg", text=f"Is there a cat {i}?", category=split))
+            qs.append(dict(question_id=qid, image="x.jpg", text=f"Is there a cat {i}?\nAnswer the question using a "
+                           f"single word or phrase.", category=split))     # llava_pope_test.jsonl's format
             qid += 1
     _write(tmp_path / "q.jsonl", qs)
     answers = [dict(question_id=q["question_id"], prompt=q["text"], text="", answer_id="x", model_id="m",

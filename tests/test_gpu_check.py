@@ -15,7 +15,7 @@ from bench import gpu  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU these commands run the real checks (minutes)")
-@pytest.mark.parametrize("module", ["bench.gpu", "kernels.bench"])
+@pytest.mark.parametrize("module", ["bench.gpu", "nanollava.kernels.bench"])
 def test_gpu_commands_say_so_and_exit_0_without_cuda(module, tmp_path):
     r = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "OUT": str(tmp_path)})

@@ -19,7 +19,10 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from kernels import attention_reference, dispatch, flash_attention, rms_norm, rms_norm_reference
+from nanollava.kernels import dispatch
+from nanollava.kernels.flash_attention import flash_attention
+from nanollava.kernels.reference import attention_reference, rms_norm_reference
+from nanollava.kernels.rms_norm import rms_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(

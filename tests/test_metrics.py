@@ -7,7 +7,6 @@ import pytest
 
 from nanollava import metrics
 
-POPE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "pope"
 
 
 @pytest.mark.parametrize("k, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
@@ -69,13 +68,11 @@ def test_pope_hand_worked():
     assert r["yes_ratio"] == pytest.approx(3 / 5)
 
 
-def test_pope_reproduces_llava_v15_13b_numbers():
-    if not POPE_DIR.is_dir():
-        pytest.skip(f"POPE fixture not found at {POPE_DIR} (expected shared/ beside the repo)")
+def test_pope_reproduces_llava_v15_13b_numbers(pope_dir):
     read = lambda p: [json.loads(line) for line in open(p)]
-    answers = read(POPE_DIR / "answers_llava-v1.5-13b.jsonl")
-    questions = read(POPE_DIR / "llava_pope_test.jsonl")
-    labels = {s: read(POPE_DIR / f"coco_pope_{s}.json") for s in ("adversarial", "popular", "random")}
+    answers = read(pope_dir / "answers_llava-v1.5-13b.jsonl")
+    questions = read(pope_dir / "llava_pope_test.jsonl")
+    labels = {s: read(pope_dir / f"coco_pope_{s}.json") for s in ("adversarial", "popular", "random")}
     r = metrics.pope_splits(answers, questions, labels)
     assert round(100 * r["adversarial"]["f1"], 2) == 84.46
     assert round(100 * r["popular"]["f1"], 2) == 86.25
@@ -125,11 +122,14 @@ def test_mme_scores_acc_plus():
 
 
 def test_anls():
-    assert metrics.anls("Hello", ["hello "]) == 1.0
+    assert metrics.anls("Hello", ["hello"]) == 1.0
     assert metrics.anls("helo", ["hello"]) == pytest.approx(1 - 1 / 5)
-    assert metrics.anls("abc", ["xyz"]) == 0.0                       # NL 1.0 >= 0.5
-    assert metrics.anls("abcd", ["abxy", "zzzz"]) == 0.0             # NL exactly 0.5 -> 0
+    assert metrics.anls("abc", ["xyz"]) == 0.0                       # 1 - NL = 0 < 0.5
+    assert metrics.anls("abcd", ["abxy", "zzzz"]) == 0.5             # 1 - NL exactly 0.5 is kept
+    assert metrics.anls("abcd", ["abxyz"]) == 0.0                    # 1 - 3/5 = 0.4 < 0.5
     assert metrics.anls("abcd", ["zzzz", "abcx"]) == pytest.approx(0.75)  # max over gts
+    # distances on normalised text, lengths on the raw strings: "Hello " vs "hello" is 1 - 0/6
+    assert metrics.anls("  Hello ", ["hello"]) == 1.0 and metrics.anls("hell", ["Hello  "]) == pytest.approx(1 - 1 / 7)
 
 
 def test_relaxed_accuracy():

@@ -115,6 +115,14 @@ def test_siglip_qwen2_llava_loads_with_its_preprocessing_and_template_defaults(i
     assert num_image_tokens(c, (50, 80)) == 16, "SigLIP: no class token, every patch with 'full'"
 
 
+def test_qwen2_chatml_checkpoint_is_qwen_1_5_not_yis_chatml_direct(interleave, tmp_path):
+    import shutil
+    _, _, d = interleave
+    shutil.copytree(d, tmp_path / "c")
+    (tmp_path / "c" / "chat_template.jinja").write_text("{{ '<|im_start|>' + message['role'] + '\\n' }}")
+    assert LLaVA.from_pretrained(str(tmp_path / "c")).config.template == "qwen_1_5"
+
+
 def test_siglip_qwen2_llava_logits_greedy_and_batching_match_transformers(interleave):
     hf, model, _ = interleave
     ids, mask = rows([[(IMG, 16)], [(IMG, 16), (IMG, 16)]])
@@ -187,10 +195,13 @@ def test_onevision_several_images_in_one_sample_match_transformers(onevision):
     n = num_image_tokens(model.config, (0, 0))
     assert n == 16 + 1
     ids, mask = rows([[(IMG, n), (IMG, n)]])
+    hf_sizes, sizes = torch.tensor([[40, 70], [90, 20]]), torch.zeros(2, 2, dtype=torch.long)
     with torch.no_grad():
-        want = hf(input_ids=ids, pixel_values=pixels, image_sizes=torch.tensor([[40, 70], [90, 20]]),
-                  batch_num_images=torch.tensor([2])).logits
-        close(model(ids, pixels, torch.zeros(2, 2, dtype=torch.long)), want)
+        want = hf(input_ids=ids, pixel_values=pixels, image_sizes=hf_sizes, batch_num_images=torch.tensor([2])).logits
+        close(model(ids, pixels, sizes), want)
+        ref = hf.generate(input_ids=ids, pixel_values=pixels, image_sizes=hf_sizes, batch_num_images=torch.tensor([2]),
+                          max_new_tokens=24, do_sample=False)[:, ids.shape[1]:]
+    assert generate(model, ids, pixels, sizes, max_new_tokens=24, eos_token_id=[]).tolist() == ref.tolist()
 
 
 def test_onevision_video_matches_transformers(onevision):
