@@ -220,7 +220,9 @@ class Plan:
                     "--image-folder", os.path.join(self.data, "images"), "--answers", os.path.join(out, "answers.jsonl"),
                     "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "32"]
         job = Job(name, out, [train, evaluate], COST.get(variant, 1.0), after=self.score)
-        job.questions, job.variant, job.seed, job.stage1 = questions, variant, seed, s1_name
+        job.questions, job.variant, job.seed = questions, variant, seed
+        job.needs = [self.pretrain[f"pretrain/{vit}/vision"], self.pretrain[f"pretrain/{llm}/text"],
+                     self.stage1[s1_name], job]                 # every job the run's numbers come from
         self.stage2[(variant, seed)] = job
 
     def score(self, job):
@@ -266,9 +268,10 @@ def run_jobs(phases, jobs, logs):
 def row_result(row, plan):
     """{label: {metric: [per seed]}, tokens, params}, and a verdict per claim."""
     spec = ROWS[row]
-    variants = {}
+    variants, jobs = {}, set()
     for label, v in spec["variants"]:
         per_seed = [json.load(open(os.path.join(plan.stage2[(v, s)].out, "scores.json"))) for s in plan.seeds]
+        jobs.update(j.out for s in plan.seeds for j in plan.stage2[(v, s)].needs)
         variants[label] = dict(variant=v, seeds=list(plan.seeds), tokens=per_seed[0]["tokens"],
                                params=per_seed[0]["params"],
                                metrics={m: [r["scores"].get(m, 0.0) for r in per_seed] for m in spec["metrics"]})
@@ -278,7 +281,8 @@ def row_result(row, plan):
         verdict = ("reproduced" if all(d > 0 for d in diffs) else
                    "not reproduced" if all(d <= 0 for d in diffs) else "inconclusive")
         claims.append(dict(metric=metric, better=better, worse=worse, diffs=diffs, verdict=verdict))
-    return dict(row=row, variants=variants, claims=claims)
+    seconds = sum(json.load(open(os.path.join(out, "seconds.json"))) for out in jobs)
+    return dict(row=row, variants=variants, claims=claims, cpu_minutes=round(seconds / 60, 1))
 
 
 def mean_spread(xs):
@@ -299,6 +303,7 @@ def report(results, header):
         summary = "; ".join(f"{c['better']} − {c['worse']}: {statistics.mean(c['diffs']):+.1f} "
                             f"({METRIC_NAMES[c['metric']]})" for c in r["claims"])
         lines.append(f"| [{r['row']}](#{r['row']}) | {spec['claim']} | {summary} | **{row_verdict(r)}** |")
+    lines += ["", "![Every row: each variant's mean per metric, the seeds as dots](ablations.png)"]
     for r in results:
         spec = ROWS[r["row"]]
         lines += ["", f"## {r['row']}", "", f"**Claim.** {spec['claim']}", "", f"**Source.** {spec['source']}.",
@@ -317,7 +322,9 @@ def report(results, header):
             lines.append(f"- {c['better']} − {c['worse']}, {METRIC_NAMES[c['metric']]}: "
                          f"{statistics.mean(c['diffs']):+.1f} points (per seed "
                          f"{', '.join(f'{d:+.1f}' for d in c['diffs'])}): **{c['verdict']}**")
-        lines += ["", f"**Verdict: {row_verdict(r)}.**"]
+        lines += ["", f"**Verdict: {row_verdict(r)}.**", "",
+                  f"*Cost.* {r['cpu_minutes']} min of one-thread runs (pretraining, stage 1, stage 2 and eval of "
+                  f"every variant and seed; `--only {r['row']}` alone takes about half of it with --jobs 2)."]
     return "\n".join(lines) + "\n"
 
 
@@ -395,7 +402,17 @@ def main(argv=None):
             f.write(json.dumps(dict(r, date=date, smoke=args.smoke)) + "\n")
     wall = time.time() - t0
     command = "python " + " ".join(["ablate.py"] + (argv if argv is not None else sys.argv[1:]))
-    header = [f"Produced by `{command}` in one run, started {date}; wall time {wall / 60:.1f} min on a "
+    header = ["# LLaVA's ablations, rerun on a laptop", "",
+              "Each row trains the toy's LLaVA-1.5 recipe (pretrain_toy.py's small ViT and LLaMA, mlp2x_gelu, stage 1 "
+              "then stage 2 with the format prompt, pad images, frozen tower, one epoch of each stage) and the "
+              "row's variants of it from the same starting point with the same budget, and scores each on the test "
+              "split of the shapes benchmark (nanollava/shapes.py: 96 px scenes of 1-4 objects, each with a digit "
+              "that only the full resolution shows; short questions of seven kinds plus long-form requests; "
+              "`python data_prep.py --benchmark shapes`). A verdict is *reproduced* when the claim's side wins on "
+              "every seed, *not reproduced* when it loses or ties on every seed, *inconclusive* otherwise. "
+              "These are toy models of about a million parameters trained for minutes: a claim that does not "
+              "reproduce here says how far it carries down, not that the paper is wrong.", "",
+              f"Produced by `{command}` in one run, started {date}; wall time {wall / 60:.1f} min on a "
               f"{machine()}, {args.jobs} runs side by side with one torch thread each; seeds "
               f"{', '.join(map(str, plan.seeds))}{' (SMOKE: a few steps, not a result)' if args.smoke else ''}."]
     with open(os.path.join(args.out, "ablations.md"), "w") as f:

@@ -103,7 +103,7 @@ def test_the_drawing_is_the_scene(scene):
 
 
 @settings(max_examples=30, deadline=None)
-@given(scenes, st.integers(0, 9))
+@given(scenes, st.integers(0, 8))          # every digit moved by 1-9: a different one
 def test_digits_vanish_in_the_base_view_and_read_at_full_resolution(scene, other):
     """Squashed 2x (the base view, CLIP's bicubic resize) a scene and the same scene with every digit
     replaced look the same to within 6 of 255 levels; the full-resolution canvas (AnyRes tiles) differs."""
