@@ -19,8 +19,10 @@ whatever runs beside it (--jobs of them side by side):
   pretrain  pretrain_toy.py --size small (and large for the scaling row), vision and text apart
   stage 1   train.py --stage 1, once per (vision tower, LLM, connector, seed)
   stage 2   train.py --stage 2 + eval.py, once per (variant, seed)
-Every output lives under OUT and is reused when its commands are the same (OUT/*/commands.json),
-so the variant several rows share (the recipe itself) trains once, and an interrupted run resumes.
+Every output lives under OUT and is reused when its key is the same (OUT/*/commands.json: its commands,
+the keys of the jobs it starts from, and the data's build.json), so the variant several rows share (the
+recipe itself) trains once and an interrupted run resumes. A change to the code is not in the key:
+after one, start from a fresh OUT.
 
 Verdict of a claim "A beats B on metric m": reproduced if A > B on every seed (seeds pair the
 same stage-1 projector, data order and initialisation), not reproduced if A <= B on every seed,
@@ -135,14 +137,19 @@ METRIC_NAMES = {"short/acc": "short-answer acc", "coarse/acc": "coarse acc", "de
 # the runs: commands, cached by their command lines
 
 class Job:
-    """A named list of commands run in order in one thread; done when OUT/.../commands.json matches."""
+    """A named list of commands run in order in one thread, after the jobs `upstream` (whose outputs it
+    reads); done when OUT/.../commands.json holds its key."""
 
-    def __init__(self, name, out, commands, cost, after=None):
+    def __init__(self, name, out, commands, cost, data, upstream=(), after=None):
         self.name, self.out, self.commands, self.cost, self.after = name, out, commands, cost, after
+        self.data, self.upstream = data, list(upstream)
+
+    def key(self):
+        return dict(commands=self.commands, data=self.data, upstream=[u.key() for u in self.upstream])
 
     def done(self):
         path = os.path.join(self.out, "commands.json")
-        return os.path.isfile(path) and json.load(open(path)) == self.commands
+        return os.path.isfile(path) and json.load(open(path)) == self.key()
 
     def run(self, logs):
         if os.path.isdir(self.out):                   # an old or interrupted run: start it afresh
@@ -162,15 +169,15 @@ class Job:
         with open(os.path.join(self.out, "seconds.json"), "w") as f:
             json.dump(round(time.time() - t0, 1), f)
         with open(os.path.join(self.out, "commands.json"), "w") as f:   # last: the job is complete
-            json.dump(self.commands, f)
+            json.dump(self.key(), f)
 
 
 class Plan:
     """The jobs of a set of rows, phase by phase (pretrain, stage 1, stage 2 + eval)."""
 
-    def __init__(self, args, rows):
+    def __init__(self, args, rows, build):
         self.args, self.py = args, sys.executable
-        self.data = args.data
+        self.data, self.build = args.data, build
         smoke = args.smoke
         self.steps = ["--max-steps", "2", "--schedule-steps", "2"] if smoke else []
         self.seeds = (0,) if smoke else tuple(args.seeds)
@@ -191,13 +198,15 @@ class Plan:
             if self.args.smoke:
                 cmd += ["--vision-steps", "4", "--text-steps", "4"]
             out = os.path.join(self.models(size), "clip" if part == "vision" else "llama")
-            self.pretrain[name] = Job(name, out, [cmd], {"vision": 3, "text": 1}[part] * (1 + (size == "large")))
-        return self.pretrain[name].out
+            self.pretrain[name] = Job(name, out, [cmd], {"vision": 3, "text": 1}[part] * (1 + (size == "large")),
+                                      self.build)
+        return self.pretrain[name]
 
     def add_run(self, variant, seed):
         spec = VARIANTS[variant]
         vit, llm = spec.get("vit", "small"), spec.get("llm", "small")
-        clip_dir, llm_dir = self.add_pretrain(vit, "vision"), self.add_pretrain(llm, "text")
+        vision, text = self.add_pretrain(vit, "vision"), self.add_pretrain(llm, "text")
+        clip_dir, llm_dir = vision.out, text.out
         tokenizer = os.path.join(self.data, "tokenizer.json")
         projector = ["--projector-type", spec["projector"]] if "projector" in spec else []
         common = ["--vision-tower", clip_dir, "--llm", llm_dir, "--tokenizer", tokenizer, "--image-folder",
@@ -208,7 +217,8 @@ class Plan:
         if s1_name not in self.stage1:
             self.stage1[s1_name] = Job(s1_name, s1_out, [
                 [self.py, "train.py", "--stage", "1", "--data", os.path.join(self.data, "stage1.json"),
-                 "--lr", f"{LR[1]:g}", "--out", os.path.join(s1_out, "train")] + common], 0.4)
+                 "--lr", f"{LR[1]:g}", "--out", os.path.join(s1_out, "train")] + common], 0.4, self.build,
+                upstream=[vision, text])
         noprompt = spec.get("data") == "noprompt"
         name = f"runs/{variant}-s{seed}"
         out = os.path.join(self.args.out, name)
@@ -219,10 +229,11 @@ class Plan:
         evaluate = [self.py, "eval.py", "--model", os.path.join(out, "train", "final"), "--questions", questions,
                     "--image-folder", os.path.join(self.data, "images"), "--answers", os.path.join(out, "answers.jsonl"),
                     "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "32"]
-        job = Job(name, out, [train, evaluate], COST.get(variant, 1.0), after=self.score)
+        stage1 = self.stage1[s1_name]
+        job = Job(name, out, [train, evaluate], COST.get(variant, 1.0), self.build, upstream=[vision, text, stage1],
+                  after=self.score)
         job.questions, job.variant, job.seed = questions, variant, seed
-        job.needs = [self.pretrain[f"pretrain/{vit}/vision"], self.pretrain[f"pretrain/{llm}/text"],
-                     self.stage1[s1_name], job]                 # every job the run's numbers come from
+        job.needs = [vision, text, stage1, job]                 # every job the run's numbers come from
         self.stage2[(variant, seed)] = job
 
     def score(self, job):
@@ -247,7 +258,7 @@ class Plan:
 
 def run_jobs(phases, jobs, logs):
     """Every job not yet done, phase after phase, `jobs` at a time (longest first), under one progress bar
-    weighted by each job's cost (its ETA)."""
+    weighted by each job's cost (its ETA). Returns (jobs run, jobs in all)."""
     todo = [(name, [j for j in js if not j.done()]) for name, js in phases]
     total = sum(j.cost for _, js in todo for j in js)
     with tqdm(total=round(total, 1), unit="work", dynamic_ncols=True,
@@ -260,10 +271,17 @@ def run_jobs(phases, jobs, logs):
                     f.result()                             # a failed job stops the run with its log's name
                     bar.update(futures[f].cost)
                     bar.set_postfix_str(futures[f].name, refresh=True)
+    return sum(len(js) for _, js in todo), sum(len(js) for _, js in phases)
 
 
 # ---------------------------------------------------------------------------------------------
 # results: mean +- spread over seeds, verdicts, the results file, the report and the chart
+
+def score_of(run, m, variant):
+    if m not in run["scores"]:
+        raise RuntimeError(f"{variant}: scores.json has no {m} (the test split has none of its questions?)")
+    return run["scores"][m]
+
 
 def row_result(row, plan):
     """{label: {metric: [per seed]}, tokens, params}, and a verdict per claim."""
@@ -274,12 +292,12 @@ def row_result(row, plan):
         jobs.update(j.out for s in plan.seeds for j in plan.stage2[(v, s)].needs)
         variants[label] = dict(variant=v, seeds=list(plan.seeds), tokens=per_seed[0]["tokens"],
                                params=per_seed[0]["params"],
-                               metrics={m: [r["scores"].get(m, 0.0) for r in per_seed] for m in spec["metrics"]})
+                               metrics={m: [score_of(r, m, v) for r in per_seed] for m in spec["metrics"]})
     claims = []
     for metric, better, worse in spec["claims"]:
         diffs = [a - b for a, b in zip(variants[better]["metrics"][metric], variants[worse]["metrics"][metric])]
-        verdict = ("reproduced" if all(d > 0 for d in diffs) else
-                   "not reproduced" if all(d <= 0 for d in diffs) else "inconclusive")
+        verdict = ("reproduced" if all(d > 0 for d in diffs) else      # a tie on any seed: inconclusive
+                   "not reproduced" if all(d < 0 for d in diffs) else "inconclusive")
         claims.append(dict(metric=metric, better=better, worse=worse, diffs=diffs, verdict=verdict))
     seconds = sum(json.load(open(os.path.join(out, "seconds.json"))) for out in jobs)
     return dict(row=row, variants=variants, claims=claims, cpu_minutes=round(seconds / 60, 1))
@@ -292,7 +310,8 @@ def mean_spread(xs):
 
 def row_verdict(result):
     verdicts = {c["verdict"] for c in result["claims"]}
-    return verdicts.pop() if len(verdicts) == 1 else "partly reproduced" if "reproduced" in verdicts else "inconclusive"
+    """The claims' verdicts, once each in order: "reproduced", or "reproduced / not reproduced" for a row of two."""
+    return " / ".join(dict.fromkeys(c["verdict"] for c in result["claims"]))
 
 
 def report(results, header):
@@ -323,8 +342,8 @@ def report(results, header):
                          f"{statistics.mean(c['diffs']):+.1f} points (per seed "
                          f"{', '.join(f'{d:+.1f}' for d in c['diffs'])}): **{c['verdict']}**")
         lines += ["", f"**Verdict: {row_verdict(r)}.**", "",
-                  f"*Cost.* {r['cpu_minutes']} min of one-thread runs (pretraining, stage 1, stage 2 and eval of "
-                  f"every variant and seed; `--only {r['row']}` alone takes about half of it with --jobs 2)."]
+                  f"*Cost.* {r['cpu_minutes']} min of one-thread job time (pretraining, stage 1, stage 2 and eval "
+                  f"of every variant and seed); `--only {r['row']}` runs these jobs two at a time."]
     return "\n".join(lines) + "\n"
 
 
@@ -360,6 +379,18 @@ def chart(results, path):
     plt.close(fig)
 
 
+SMOKE_IMAGES = 48
+
+
+def data_build(smoke):
+    """What data_prep.py's build.json must say for this run: its build_shapes defaults, or the smoke size."""
+    import inspect
+    import data_prep
+    defaults = {k: v.default for k, v in inspect.signature(data_prep.build_shapes).parameters.items()
+                if k in ("seed", "n_train", "n_eval", "per_kind", "n_long")}
+    return dict(defaults, n_train=SMOKE_IMAGES, n_eval=SMOKE_IMAGES, per_kind=4, n_long=4) if smoke else defaults
+
+
 def machine():
     """'2-core CPU (model), torch X' for the report."""
     model = platform.processor() or platform.machine()
@@ -388,12 +419,20 @@ def main(argv=None):
     os.makedirs(logs, exist_ok=True)
     t0, started = time.time(), datetime.datetime.now(datetime.timezone.utc)
 
-    if not os.path.isfile(os.path.join(args.data, "stage2_noprompt.json")):
+    build_json = os.path.join(args.data, "build.json")
+    if not os.path.isfile(build_json):
         cmd = [sys.executable, "data_prep.py", "--benchmark", "shapes", "--out", args.data, "--seed", "0"]
-        if subprocess.run(cmd + (["--limit", "48"] if args.smoke else []), stdout=subprocess.DEVNULL).returncode:
+        if subprocess.run(cmd + (["--limit", str(SMOKE_IMAGES)] if args.smoke else []),
+                          stdout=subprocess.DEVNULL).returncode:
             sys.exit(f"ablate.py: {' '.join(cmd)} failed")
-    plan = Plan(args, rows)
-    run_jobs(plan.phases(), args.jobs, logs)
+    with open(build_json) as f:
+        build = json.load(f)
+    for key, want in data_build(args.smoke).items():
+        if build.get(key) != want:
+            sys.exit(f"ablate.py: {build_json}: {key} = {build.get(key)}, but {'--smoke' if args.smoke else 'a full run'} "
+                     f"needs {want}: give another --data (or delete {args.data})")
+    plan = Plan(args, rows, build)
+    ran, total = run_jobs(plan.phases(), args.jobs, logs)
 
     results = [row_result(r, plan) for r in rows]
     date = started.strftime("%Y-%m-%d %H:%M UTC")
@@ -409,10 +448,13 @@ def main(argv=None):
               "split of the shapes benchmark (nanollava/shapes.py: 96 px scenes of 1-4 objects, each with a digit "
               "that only the full resolution shows; short questions of seven kinds plus long-form requests; "
               "`python data_prep.py --benchmark shapes`). A verdict is *reproduced* when the claim's side wins on "
-              "every seed, *not reproduced* when it loses or ties on every seed, *inconclusive* otherwise. "
+              "every seed, *not reproduced* when it loses on every seed, *inconclusive* otherwise (a tie included). "
               "These are toy models of about a million parameters trained for minutes: a claim that does not "
               "reproduce here says how far it carries down, not that the paper is wrong.", "",
-              f"Produced by `{command}` in one run, started {date}; wall time {wall / 60:.1f} min on a "
+              "Every seed starts from the same pretrained ViT and LLaMA (pretrain_toy.py --seed 0); the seeds vary "
+              "stage 1, stage 2 and the data order, so the spread leaves out pretraining's.", "",
+              f"Produced by `{command}` in one run, started {date}; wall time {wall / 60:.1f} min"
+              f"{'' if ran == total else f' ({total - ran} of its {total} jobs reused from an earlier run in OUT)'} on a "
               f"{machine()}, {args.jobs} runs side by side with one torch thread each; seeds "
               f"{', '.join(map(str, plan.seeds))}{' (SMOKE: a few steps, not a result)' if args.smoke else ''}."]
     with open(os.path.join(args.out, "ablations.md"), "w") as f:

@@ -372,10 +372,17 @@ def build_toy(out, seed=0, max_turns=8, workers=1, limit=None):
 # ---------------------------------------------------------------------------------------------
 # the shapes benchmark (nanollava/shapes.py)
 
-def shapes_split(seed, split, n):
-    """(index, scene) for the n scenes of a split, each from its own seed."""
+def shapes_split(seed, split, n, seen=frozenset()):
+    """(index, scene) for the n scenes of a split, each from its own seed; scenes whose layout is in `seen`
+    (the train split's) are skipped, so no val or test question about a layout was trained on."""
     from nanollava import shapes
-    return [(i, shapes.make_scene(shapes.scene_rng(seed, split, i))) for i in range(n)]
+    out, i = [], 0
+    while len(out) < n:
+        scene = shapes.make_scene(shapes.scene_rng(seed, split, i))
+        if shapes.layout(scene) not in seen:
+            out.append((i, scene))
+        i += 1
+    return out
 
 
 def shapes_eval(scenes, split, rng, per_kind, n_long):
@@ -404,8 +411,11 @@ def build_shapes(out, seed=0, n_train=3200, n_eval=600, per_kind=80, n_long=40, 
     separate seeds, stage-1 captions and stage-2 QA of the train split, eval files of val and test."""
     from nanollava import shapes
     t0 = time.time()
-    splits = {"train": shapes_split(seed, "train", n_train), "val": shapes_split(seed, "val", n_eval),
-              "test": shapes_split(seed, "test", n_eval)}
+    train = shapes_split(seed, "train", n_train)
+    seen = {shapes.layout(scene) for _, scene in train}
+    splits = {"train": train, "val": shapes_split(seed, "val", n_eval, seen),
+              "test": shapes_split(seed, "test", n_eval, seen)}
+    build = dict(seed=seed, n_train=n_train, n_eval=n_eval, per_kind=per_kind, n_long=n_long)
     texts = {}
     for split, scenes in splits.items():
         os.makedirs(os.path.join(out, "images", split), exist_ok=True)
@@ -423,7 +433,7 @@ def build_shapes(out, seed=0, n_train=3200, n_eval=600, per_kind=80, n_long=40, 
             {"from": "human", "value": "<image>\n" + rng.choice(shapes.CAPTION_PROMPTS)},
             {"from": "gpt", "value": shapes.caption(scene)}]))
         qs = shapes.sample_questions(scene, rng)
-        q = rng.choice(qs)                                  # one short answer per image, every kind in turn
+        q = rng.choice(qs)                                  # one short answer per image, of a random kind
         turns = [(f"{q['question']}\n{SHORT_ANSWER}", q["answer"])]
         if i % 4 == 0:                                      # LLaVA-Instruct's side: conversational answers
             q = rng.choice(qs)
@@ -446,7 +456,8 @@ def build_shapes(out, seed=0, n_train=3200, n_eval=600, per_kind=80, n_long=40, 
     corpus = [t["value"].replace("<image>", "") for r in stage1 + stage2 for t in r["conversations"]]
     corpus += [conversation.SYSTEM_USER, "USER: ASSISTANT:", SHORT_ANSWER]
     tok_path = os.path.join(out, "tokenizer.json")
-    write_all({tok_path: train_bpe(corpus, vocab_size=512).tok.to_str(pretty=True), **texts, **evals})
+    write_all({tok_path: train_bpe(corpus, vocab_size=512).tok.to_str(pretty=True), **texts, **evals,
+               os.path.join(out, "build.json"): json.dumps(build) + "\n"})      # ablate.py checks it
     tok = Tokenizer.from_file(tok_path)
     # the format ablation (ablate.py): the same stage-2 records and test questions without the prompt
     noprompt = [dict(r, conversations=[dict(t, value=t["value"].replace("\n" + SHORT_ANSWER, ""))
@@ -484,10 +495,15 @@ def main(argv=None):
                    help="processes that decode images")
     p.add_argument("--seed", type=int, default=0, help="seed for the toy's caption phrasing and shuffles")
     p.add_argument("--max-turns", type=int, default=8, help="toy: QA turns per stage-2 conversation")
-    p.add_argument("--limit", type=int, default=None, help="toy: only the first N images per split (smoke tests)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="toy / shapes: only N images per split (smoke tests; shapes needs at least 24)")
     p.add_argument("--benchmark", choices=("easy-vqa", "shapes"), default="easy-vqa",
                    help="the toy data set to build: easy-vqa (pipeline.py) or the shapes benchmark (ablate.py)")
     args = p.parse_args(argv)
+    if args.json is not None and args.benchmark != "easy-vqa":
+        p.error(f"--benchmark {args.benchmark} builds a data set; --json validates one: give one of them")
+    if args.limit is not None and args.limit < (24 if args.benchmark == "shapes" else 1):
+        p.error(f"--limit {args.limit}: {args.benchmark} needs at least {24 if args.benchmark == 'shapes' else 1}")
     if args.json is None and args.benchmark == "shapes":
         build_shapes(args.out or os.path.join("data", "shapes"), args.seed, **(
             dict(n_train=args.limit, n_eval=args.limit, per_kind=4, n_long=4) if args.limit else {}))

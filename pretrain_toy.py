@@ -19,7 +19,7 @@ only (the test split is never read):
 On the shapes benchmark (`--data data/shapes`, which holds scenes_train.jsonl; several objects per
 image), (a) instead labels each layer -2 patch token with what the drawing puts under it
 (nanollava/shapes.py label_maps): the shape, colour and size of the object covering the patch (or
-background) and the digit whose glyph it holds; on 48 px views, each image seen whole (squashed, the
+background) and, on tiles only, the digit whose glyph it holds; on 48 px views, each image seen whole (squashed, the
 base view) and as one of its four 48 px tiles (full resolution), the views LLaVA-NeXT's AnyRes makes.
 
 `--size large` makes the second size of both (nanollava/toy.py; the scaling ablation).
@@ -225,6 +225,8 @@ def shapes_views(scene, path, config, tile_index):
     local = [patch_labels(scene, maps, config.patch_size * shapes.CANVAS // S),    # base: 2x2 canvas px a pixel
              patch_labels(scene, tile, config.patch_size)]
     gist = [gist_labels(scene, 0, 0, shapes.CANVAS), gist_labels(scene, tx * S, ty * S, S)]
+    local[0][:, 3] = -100               # the base view is never taught digits: they are the tiles' detail
+    gist[0].view(4, -1)[3] = -100
     return views[[0, 1 + tile_index]], torch.stack([torch.cat([l, g.expand(len(l), -1)], 1)
                                                     for l, g in zip(local, gist)])
 

@@ -166,10 +166,11 @@ def parse_args(argv=None):
                    help="image preprocessing (default: stage 1 the tower's own, crop for CLIP and squash for "
                         "SigLIP; stage 2 pad, LLaVA-1.5's)")
     p.add_argument("--projector-type", choices=PROJECTOR_TYPES,
-                   help="the connector: LLaVA-1.5's mlp2x_gelu or LLaVA's linear (stage 2 loads stage 1's)")
+                   help="the connector: LLaVA-1.5's mlp2x_gelu (default) or LLaVA's linear; stage 2 must name the "
+                        "type stage 1 trained")
     p.add_argument("--image-grid-pinpoints",
-                   help="AnyRes canvases: '(1x1),(2x2)' (cells of the tower's tile) or '[[672, 672], ...]' "
-                        "(height, width); default LLaVA-1.6's")
+                   help="AnyRes canvases: '(1x1),(2x2)' (every grid from 1x1 to 2x2, in tiles) or "
+                        "'[[672, 672], ...]' (height, width); default LLaVA-1.6's")
     p.add_argument("--image-pooling", choices=("before_projector", "after_projector"),
                    help="2x2 bilinear pooling of every view's features (LLaVA-NeXT ablations, OneVision)")
     p.add_argument("--skip-stage1", action="store_true",
@@ -195,6 +196,8 @@ def check_inputs(args, world):
     if args.stage == 1 and (args.train_vision_tower or args.lora or args.template != "plain" or args.skip_stage1):
         raise ValueError("--train-vision-tower, --lora, --template and --skip-stage1 are stage-2 options (stage 1 "
                          "trains the projector only, on captions in the plain template)")
+    if args.image_grid_pinpoints and args.image_mode != "anyres":
+        raise ValueError(f"--image-grid-pinpoints is AnyRes's: it needs --image-mode anyres (not {args.image_mode})")
     if args.stage == 2 and args.template == "plain":
         raise ValueError("--template plain is stage 1's (captions); stage 2 trains on conversations")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -546,7 +549,7 @@ def run(args):
     config = run_config(args)
     try:                                                 # bad input fails here, before any work
         check_inputs(args, world)
-        resume = train_checkpoint.find(args.out, config) if args.resume else None
+        resume = train_checkpoint.find(args.out, config, DEFAULTS) if args.resume else None
     except (FileNotFoundError, ValueError) as e:
         raise BadInput(str(e)) from e
 

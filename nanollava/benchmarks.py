@@ -457,6 +457,7 @@ def score_toy(answers, gt_path="data/toy/eval_answers.jsonl", answers_path="answ
 
 
 LONG_WORDS = 6          # shapes: a long-form answer has at least this many words
+OTHER_OPTION = {"left": "right", "right": "left", "above": "below", "below": "above", "big": "small", "small": "big"}
 
 
 def score_shapes(answers, gt_path="data/shapes/eval_answers.jsonl", answers_path="answers"):
@@ -471,10 +472,11 @@ def score_shapes(answers, gt_path="data/shapes/eval_answers.jsonl", answers_path
         answers, answers_path = read_answers(answers), answers
     gts = {g["question_id"]: g for g in read_jsonl(gt_path, "shapes ground truth")}
     _check_ids(answers, gts, "shapes", answers_path)
-    by_kind = {}
-    for q, t in _texts(answers).items():
-        by_kind.setdefault(gts[q]["category"], []).append((t or "", gts[q]["answer"], t is None))
-    out = {"n": sum(map(len, by_kind.values())), **_failures(answers)}
+    texts, by_kind = _texts(answers), {}
+    for q, g in gts.items():                 # every ground-truth question: no record counts as wrong
+        t = texts.get(q)
+        by_kind.setdefault(g["category"], []).append((t or "", g["answer"], t is None))
+    out = {"n": len(gts), **_failures(answers, unanswered=len(set(gts) - set(texts)))}
 
     def acc(rows):
         return 100 * sum(not failed and metrics.exact_match(t, a) for t, a, failed in rows) / len(rows)
@@ -490,9 +492,11 @@ def score_shapes(answers, gt_path="data/shapes/eval_answers.jsonl", answers_path
     for kind in ("conv", "describe"):
         if kind in by_kind:
             out[f"{kind}/long"] = 100 * sum(len(t.split()) >= LONG_WORDS for t, _, _ in by_kind[kind]) / len(by_kind[kind])
-    if "conv" in by_kind:
-        out["conv/acc"] = 100 * sum(a in metrics.normalize_vqa_answer(t.split(".")[0]).split()
-                                    for t, a, _ in by_kind["conv"]) / len(by_kind["conv"])
+    if "conv" in by_kind:                    # the answer, and not the other option the question offered
+        def says(t, a):
+            words = metrics.normalize_vqa_answer(t.split(".")[0]).split()
+            return a in words and OTHER_OPTION.get(a) not in words
+        out["conv/acc"] = 100 * sum(says(t, a) for t, a, _ in by_kind["conv"]) / len(by_kind["conv"])
     return out
 
 

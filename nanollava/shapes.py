@@ -10,7 +10,8 @@ from a seed with PIL, no download:
              px) printed in a fine checker of two inks whose mean is the object's colour, like a
              halftone: legible at the canvas resolution, but squashing the canvas 2x to the tower's
              tile (the base view) averages every 2x2 checker cell to the object's colour, and the
-             digit is gone (<= 6 of 255 levels, tests/test_shapes.py). LLaVA-NeXT's AnyRes tiles,
+             digit all but vanishes (no value moves more than 6 of 255 levels, tests/test_shapes.py;
+             pretrain_toy.py never teaches the tower to read a digit there). LLaVA-NeXT's AnyRes tiles,
              cut from the full-resolution canvas, give it back. The digit's top 8 rows (enough to
              tell the ten apart) fill one 8x8 cell of the canvas: one patch of the toy tower.
   questions  short answers, by kind: color, shape, size, count, position (left/right, above/below),
@@ -36,7 +37,6 @@ INK = 60                             # the digit's checker: the object's colour 
 SIZES = {"small": (9, 11), "big": (14, 17)}   # half-width in px, inclusive range
 KINDS = ("color", "shape", "size", "count", "position", "digit", "exist")        # short answers
 LONG_KINDS = ("conv", "describe")                                                  # long-form answers
-MIN_GAP = 10                         # px between centres for a left/right or above/below question
 GLYPHS = {   # 3x5 digits, one string per row
     0: ("###", "#.#", "#.#", "#.#", "###"), 1: (".#.", "##.", ".#.", ".#.", "###"),
     2: ("###", "..#", "###", "#..", "###"), 3: ("###", "..#", "###", "..#", "###"),
@@ -183,11 +183,11 @@ def questions(scene):
             if p is o:
                 continue
             m = name(p, scene)
-            if abs(o["x"] - p["x"]) >= MIN_GAP:
+            if abs(o["x"] - p["x"]) > o["r"] + p["r"]:            # apart in x: no overlap to argue about
                 side = "left" if o["x"] < p["x"] else "right"
                 add("position", f"Is {n} to the left or to the right of {m}?", side,
                     f"{cap} is to the {side} of {m}. It is {full}.")
-            if abs(o["y"] - p["y"]) >= MIN_GAP:
+            if abs(o["y"] - p["y"]) > o["r"] + p["r"]:
                 side = "above" if o["y"] < p["y"] else "below"
                 add("position", f"Is {n} above or below {m}?", side, f"{cap} is {side} {m}. It is {full}.")
     for shape in SHAPES:
@@ -237,6 +237,11 @@ def sample_questions(scene, rng, kinds=KINDS):
         if pool:
             out.append(rng.choice(pool))
     return out
+
+
+def layout(scene):
+    """A scene without its digits: val and test scenes whose layout a train scene has are left out."""
+    return tuple(tuple(sorted((k, v) for k, v in o.items() if k != "digit")) for o in scene["objects"])
 
 
 def scene_rng(seed, split, index):

@@ -49,11 +49,11 @@ SHAPES_VISION_PRETRAIN = dict(steps=600, batch_size=64, lr=3e-3, weight_decay=0.
 
 def vision_config(size="small", image_size=None):
     """The toy CLIP vision tower's config (CLIPVisionConfig fields)."""
-    sizes = dict(VISION if size == "small" else VISION_LARGE)
+    sizes = dict({"small": VISION, "large": VISION_LARGE}[size])
     return VisionConfig(**dict(sizes, image_size=image_size or sizes["image_size"]))
 
 
 def text_config(tokenizer, size="small"):
     """The toy LLaMA's config; vocab and special ids come from the toy tokenizer."""
     return TextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                      pad_token_id=tokenizer.pad_id, **(TEXT if size == "small" else TEXT_LARGE))
+                      pad_token_id=tokenizer.pad_id, **{"small": TEXT, "large": TEXT_LARGE}[size])

@@ -2,6 +2,7 @@
 from the drawn scene, the drawing is the scene, the digits need the full resolution, and the same
 seed gives the same files."""
 import filecmp
+import json
 import os
 import random
 import re
@@ -40,11 +41,11 @@ def oracle(question, scene):
         return str(resolve(m[1], scene)["digit"])
     if m := re.fullmatch(r"Is (the [\w ]+) to the left or to the right of (the [\w ]+)\?", q):
         a, b = resolve(m[1], scene), resolve(m[2], scene)
-        assert abs(a["x"] - b["x"]) >= shapes.MIN_GAP, q
+        assert abs(a["x"] - b["x"]) > a["r"] + b["r"], f"{q}: the two overlap left to right"
         return "left" if a["x"] < b["x"] else "right"
     if m := re.fullmatch(r"Is (the [\w ]+) above or below (the [\w ]+)\?", q):
         a, b = resolve(m[1], scene), resolve(m[2], scene)
-        assert abs(a["y"] - b["y"]) >= shapes.MIN_GAP, q
+        assert abs(a["y"] - b["y"]) > a["r"] + b["r"], f"{q}: the two overlap top to bottom"
         return "above" if a["y"] < b["y"] else "below"
     if q == "How many objects are there?":
         return str(len(objs))
@@ -142,9 +143,19 @@ def test_same_seed_same_files_and_splits_are_separate(tmp_path):
     walk(cmp)
     assert {"stage1.json", "stage2.json", "tokenizer.json", "eval_questions.jsonl", "eval_answers.jsonl",
             "images/test/0.png"} <= set(files)
-    scenes = {split: (tmp_path / "a" / f"scenes_{split}.jsonl").read_text().splitlines() for split in ("train", "val", "test")}
-    assert not set(scenes["train"][0:1]) & set(scenes["test"]), "test scenes are drawn from their own seeds"
-    assert len({s.split('"objects"')[1] for v in scenes.values() for s in v}) > 0.9 * sum(map(len, scenes.values()))
+    layouts = {split: [shapes.layout(json.loads(line)) for line in
+                       (tmp_path / "a" / f"scenes_{split}.jsonl").read_text().splitlines()]
+               for split in ("train", "val", "test")}
+    assert not set(layouts["train"]) & (set(layouts["val"]) | set(layouts["test"])), "a test layout was trained on"
+    assert len(set(layouts["val"] + layouts["test"])) > 0.9 * 48, "val and test are drawn from their own seeds"
     data_prep.main(["--benchmark", "shapes", "--out", str(tmp_path / "c"), "--limit", "24", "--seed", "1"])
     assert (tmp_path / "c" / "stage2.json").read_text() != (tmp_path / "a" / "stage2.json").read_text()
     assert os.path.getsize(tmp_path / "a" / "images" / "train" / "0.png") > 0
+
+
+def test_val_and_test_skip_the_layouts_train_has():
+    """At full size, seed 0's first 600 test seeds repeat 21 train layouts (differing in digits at most)."""
+    train = {shapes.layout(scene) for _, scene in data_prep.shapes_split(0, "train", 3200)}
+    test = data_prep.shapes_split(0, "test", 600, train)
+    assert len(test) == 600 and not {shapes.layout(scene) for _, scene in test} & train
+    assert sum(i < 600 for i, _ in test) == 579, "the 21 repeats were skipped, and nothing else"
