@@ -28,6 +28,21 @@ coloured shape, 4,000 train / 1,000 test images):
   eval_answers.jsonl             {"question_id", "answer", "category"}
   tokenizer.json                 BPE (Metaspace, LLaMA-style), <unk>=0 <s>=1 </s>=2 <pad>=3 <image>=4
 Image paths in all files are relative to images/.
+
+`--benchmark shapes` (default --out data/shapes) builds the harder procedural benchmark of
+nanollava/shapes.py instead, from --seed alone (a few seconds; ablate.py's data):
+  images/{train,val,test}/<i>.png   96x96 scenes; each split from its own seeds
+  scenes_{train,val,test}.jsonl     each image's scene: the ground truth every answer follows from
+  stage1.json                       one caption per train image ("plain")
+  stage2.json                       one short QA per train image (+ "\nAnswer the question using a
+                                    single word or phrase."), plus long-form records: conversational
+                                    answers to the same questions (no format prompt) and detailed
+                                    descriptions ("vicuna_v1")
+  eval_questions.jsonl / eval_answers.jsonl, val_questions.jsonl / val_answers.jsonl
+                                    per kind (category) 80 short questions, then the long-form
+                                    requests ("conv", "describe"); answers carry the scene
+  stage2_noprompt.json, eval_questions_noprompt.jsonl   the same without the format prompt
+  tokenizer.json                    BPE on the train text, as the toy's
 """
 import argparse
 import json
@@ -354,6 +369,117 @@ def build_toy(out, seed=0, max_turns=8, workers=1, limit=None):
         print(f"  wrote {p}")
 
 
+# ---------------------------------------------------------------------------------------------
+# the shapes benchmark (nanollava/shapes.py)
+
+def shapes_split(seed, split, n, seen=frozenset()):
+    """(index, scene) for the n scenes of a split, each from its own seed; scenes whose layout is in `seen`
+    (the train split's) are skipped, so no val or test question about a layout was trained on."""
+    from nanollava import shapes
+    out, i = [], 0
+    while len(out) < n:
+        scene = shapes.make_scene(shapes.scene_rng(seed, split, i))
+        if shapes.layout(scene) not in seen:
+            out.append((i, scene))
+        i += 1
+    return out
+
+
+def shapes_eval(scenes, split, rng, per_kind, n_long):
+    """Eval questions and answers of a split: `per_kind` short questions of each kind (the scenes in
+    turn), then n_long conversational and n_long // 2 description requests, on other scenes."""
+    from nanollava import shapes
+    pools = {k: [] for k in shapes.KINDS}
+    for i, scene in scenes:
+        for q in shapes.sample_questions(scene, rng):
+            pools[q["kind"]].append((i, scene, q))
+    rows = [(i, scene, q["kind"], q["question"] + "\n" + SHORT_ANSWER, q["answer"])
+            for k in shapes.KINDS for i, scene, q in pools[k][:per_kind]]
+    for i, scene, q in rng.sample([x for k in shapes.KINDS for x in pools[k][per_kind:]], n_long):
+        rows.append((i, scene, "conv", q["question"], q["answer"]))
+    for i, scene in scenes[-(n_long // 2):]:
+        rows.append((i, scene, "describe", rng.choice(shapes.DESCRIBE_PROMPTS), shapes.describe(scene)))
+    questions = [dict(question_id=f"{split}-{k}", image=f"{split}/{i}.png", text=text, category=kind)
+                 for k, (i, _, kind, text, _) in enumerate(rows)]
+    answers = [dict(question_id=f"{split}-{k}", answer=answer, category=kind, scene=scene)
+               for k, (_, scene, kind, _, answer) in enumerate(rows)]
+    return questions, answers
+
+
+def build_shapes(out, seed=0, n_train=3200, n_eval=600, per_kind=80, n_long=40, workers=1):
+    """Build the shapes benchmark in `out` (see the module docstring): train / val / test scenes from
+    separate seeds, stage-1 captions and stage-2 QA of the train split, eval files of val and test."""
+    from nanollava import shapes
+    t0 = time.time()
+    train = shapes_split(seed, "train", n_train)
+    seen = {shapes.layout(scene) for _, scene in train}
+    splits = {"train": train, "val": shapes_split(seed, "val", n_eval, seen),
+              "test": shapes_split(seed, "test", n_eval, seen)}
+    build = dict(seed=seed, n_train=n_train, n_eval=n_eval, per_kind=per_kind, n_long=n_long)
+    texts = {}
+    for split, scenes in splits.items():
+        os.makedirs(os.path.join(out, "images", split), exist_ok=True)
+        for i, scene in scenes:
+            with files.atomic_write(os.path.join(out, "images", split, f"{i}.png"), "wb") as f:
+                shapes.render(scene).save(f, format="PNG")
+        texts[os.path.join(out, f"scenes_{split}.jsonl")] = "".join(
+            json.dumps(dict(image=f"{split}/{i}.png", **scene)) + "\n" for i, scene in scenes)
+
+    rng = random.Random(f"shapes/{seed}/records")
+    stage1, stage2 = [], []
+    for i, scene in splits["train"]:
+        image = f"train/{i}.png"
+        stage1.append(dict(id=f"cap-{i}", image=image, conversations=[
+            {"from": "human", "value": "<image>\n" + rng.choice(shapes.CAPTION_PROMPTS)},
+            {"from": "gpt", "value": shapes.caption(scene)}]))
+        qs = shapes.sample_questions(scene, rng)
+        q = rng.choice(qs)                                  # one short answer per image, of a random kind
+        turns = [(f"{q['question']}\n{SHORT_ANSWER}", q["answer"])]
+        if i % 4 == 0:                                      # LLaVA-Instruct's side: conversational answers
+            q = rng.choice(qs)
+            turns.append((q["question"], q["long"]))
+        if i % 8 == 1:                                      # ... and detailed descriptions
+            turns.append((rng.choice(shapes.DESCRIBE_PROMPTS), shapes.describe(scene)))
+        for k, (question, answer) in enumerate(turns):
+            stage2.append(dict(id=f"qa-{i}-{k}", image=image, conversations=[
+                {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]))
+    rng.shuffle(stage2)
+
+    evals = {}
+    for split in ("val", "test"):
+        qs, ans = shapes_eval(splits[split], split, random.Random(f"shapes/{seed}/{split}-questions"),
+                              per_kind, n_long)
+        prefix = "eval" if split == "test" else "val"
+        evals[os.path.join(out, f"{prefix}_questions.jsonl")] = "".join(json.dumps(q) + "\n" for q in qs)
+        evals[os.path.join(out, f"{prefix}_answers.jsonl")] = "".join(json.dumps(a) + "\n" for a in ans)
+
+    corpus = [t["value"].replace("<image>", "") for r in stage1 + stage2 for t in r["conversations"]]
+    corpus += [conversation.SYSTEM_USER, "USER: ASSISTANT:", SHORT_ANSWER]
+    tok_path = os.path.join(out, "tokenizer.json")
+    write_all({tok_path: train_bpe(corpus, vocab_size=512).tok.to_str(pretty=True), **texts, **evals,
+               os.path.join(out, "build.json"): json.dumps(build) + "\n"})      # ablate.py checks it
+    tok = Tokenizer.from_file(tok_path)
+    # the format ablation (ablate.py): the same stage-2 records and test questions without the prompt
+    noprompt = [dict(r, conversations=[dict(t, value=t["value"].replace("\n" + SHORT_ANSWER, ""))
+                                       for t in r["conversations"]]) for r in stage2]
+    test_qs = [json.loads(line) for line in evals[os.path.join(out, "eval_questions.jsonl")].splitlines()]
+    write_all({os.path.join(out, "eval_questions_noprompt.jsonl"): "".join(
+        json.dumps(dict(q, text=q["text"].replace("\n" + SHORT_ANSWER, ""))) + "\n" for q in test_qs)})
+    for stem, records, template in (("stage1", stage1, "plain"), ("stage2", stage2, "vicuna_v1"),
+                                    ("stage2_noprompt", noprompt, "vicuna_v1")):
+        good, index, problems, counts, est = validate(records, os.path.join(out, "images"), tok, template,
+                                                      workers=workers, desc=stem)
+        if problems:
+            raise RuntimeError(f"shapes {stem} has bad records: {problems[:3]}")
+        write_outputs(out, stem, good, index, problems, "shapes", "images", template, None, None, est)
+    kinds = Counter(json.loads(line)["category"] for line in evals[os.path.join(out, "eval_answers.jsonl")].splitlines())
+    print(f"shapes benchmark (seed {seed}) in {out}/ ({time.time() - t0:.1f}s): "
+          f"{' / '.join(f'{len(v)} {k}' for k, v in splits.items())} images ({shapes.CANVAS}px); "
+          f"stage1.json {len(stage1)} captions; stage2.json {len(stage2)} records; "
+          f"eval_questions.jsonl {sum(kinds.values())} ({', '.join(f'{k} {n}' for k, n in kinds.items())}); "
+          f"tokenizer {len(tok)} tokens")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -369,8 +495,19 @@ def main(argv=None):
                    help="processes that decode images")
     p.add_argument("--seed", type=int, default=0, help="seed for the toy's caption phrasing and shuffles")
     p.add_argument("--max-turns", type=int, default=8, help="toy: QA turns per stage-2 conversation")
-    p.add_argument("--limit", type=int, default=None, help="toy: only the first N images per split (smoke tests)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="toy / shapes: only N images per split (smoke tests; shapes needs at least 24)")
+    p.add_argument("--benchmark", choices=("easy-vqa", "shapes"), default="easy-vqa",
+                   help="the toy data set to build: easy-vqa (pipeline.py) or the shapes benchmark (ablate.py)")
     args = p.parse_args(argv)
+    if args.json is not None and args.benchmark != "easy-vqa":
+        p.error(f"--benchmark {args.benchmark} builds a data set; --json validates one: give one of them")
+    if args.limit is not None and args.limit < (24 if args.benchmark == "shapes" else 1):
+        p.error(f"--limit {args.limit}: {args.benchmark} needs at least {24 if args.benchmark == 'shapes' else 1}")
+    if args.json is None and args.benchmark == "shapes":
+        build_shapes(args.out or os.path.join("data", "shapes"), args.seed, **(
+            dict(n_train=args.limit, n_eval=args.limit, per_kind=4, n_long=4) if args.limit else {}))
+        return
     if args.json is None:
         build_toy(args.out or os.path.join("data", "toy"), args.seed, args.max_turns, workers=1,
                   limit=args.limit)

@@ -10,6 +10,7 @@ Two modes:
 2. score an answer file against ground truth, beside the published LLaVA-1.5-7B row:
    python eval.py --benchmark pope --answers A.jsonl --questions llava_pope_test.jsonl --annotations DIR
    python eval.py --benchmark toy  --answers A.jsonl   # data/toy/eval_{answers,questions}.jsonl by default
+   python eval.py --benchmark shapes --answers A.jsonl # data/shapes/..., per-kind accuracy (ablate.py)
 
 --benchmark reads --questions in that benchmark's official format and asks each question with its
 official prompt line (vqav2 vizwiz textvqa gqa pope mme seed scienceqa mmbench chartqa docvqa infovqa
@@ -313,7 +314,7 @@ def main(argv=None):
     p.add_argument("--benchmark", choices=benchmarks.BENCHMARKS,
                    help="read --questions in this benchmark's format, ask them with its prompt, score the answers")
     p.add_argument("--annotations", help="ground truth: POPE label dir, VQAv2 / VizWiz / TextVQA / GQA json, "
-                                         "ScienceQA problems.json, MME dir, SEED-Bench.json, toy eval_answers.jsonl "
+                                         "ScienceQA problems.json, MME dir, SEED-Bench.json, toy / shapes eval_answers.jsonl "
                                          "(MMBench, ChartQA, DocVQA, InfoVQA: in --questions)")
     p.add_argument("--upload", help="also write the test server's file here (vqav2, vizwiz, docvqa, infovqa)")
     p.add_argument("--plot", help="also draw the scores as bars beside LLaVA-1.5-7B's, to this PNG")
@@ -323,8 +324,8 @@ def main(argv=None):
     b = args.benchmark
     if args.max_new_tokens is None:
         args.max_new_tokens = benchmarks.MAX_NEW_TOKENS.get(b, 128)
-    if b == "toy" and not args.questions:                # data_prep.py writes the two side by side
-        beside = Path(args.annotations or "data/toy/eval_answers.jsonl").with_name("eval_questions.jsonl")
+    if b in benchmarks.TOY_GT and not args.questions:   # data_prep.py writes the two side by side
+        beside = Path(args.annotations or benchmarks.TOY_GT[b]).with_name("eval_questions.jsonl")
         args.questions = str(beside) if beside.is_file() else None
     questions = read_questions(args.questions, b) if args.questions else None
 

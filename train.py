@@ -61,7 +61,7 @@ from nanollava.cli import fraction, non_negative_float, non_negative_int, positi
 from nanollava.conversation import TEMPLATES
 from nanollava.data import DataError, LLaVADataset, collate, global_batches, rank_micro_batches
 from nanollava.fsdp import PrefetchFSDP
-from nanollava.llava import supervised_tokens
+from nanollava.llava import PROJECTOR_TYPES, supervised_tokens
 from nanollava.lora import add_lora, merge_lora, save_adapters
 from nanollava.tokenizer import Tokenizer
 from nanollava.train_checkpoint import local
@@ -87,6 +87,8 @@ DEFAULTS = dict(
     grad_clip=1.0,             # HF Trainer's default max_grad_norm, which LLaVA inherits
     grad_checkpointing=False,
     lora=False, lora_r=128, lora_alpha=256,
+    projector_type="mlp2x_gelu",   # LLaVA-1.5's connector
+    image_grid_pinpoints=None, image_pooling=None, skip_stage1=False,
     fsdp="nano",
     device="cuda" if torch.cuda.is_available() else "cpu",
     dtype="bfloat16" if torch.cuda.is_available() else "float32",  # autocast + gathered weights
@@ -163,6 +165,16 @@ def parse_args(argv=None):
     p.add_argument("--image-mode", choices=("crop", "pad", "squash", "anyres"),
                    help="image preprocessing (default: stage 1 the tower's own, crop for CLIP and squash for "
                         "SigLIP; stage 2 pad, LLaVA-1.5's)")
+    p.add_argument("--projector-type", choices=PROJECTOR_TYPES,
+                   help="the connector: LLaVA-1.5's mlp2x_gelu (default) or LLaVA's linear; stage 2 must name the "
+                        "type stage 1 trained")
+    p.add_argument("--image-grid-pinpoints",
+                   help="AnyRes canvases: '(1x1),(2x2)' (every grid from 1x1 to 2x2, in tiles) or "
+                        "'[[672, 672], ...]' (height, width); default LLaVA-1.6's")
+    p.add_argument("--image-pooling", choices=("before_projector", "after_projector"),
+                   help="2x2 bilinear pooling of every view's features (LLaVA-NeXT ablations, OneVision)")
+    p.add_argument("--skip-stage1", action="store_true",
+                   help="stage 2 from a fresh projector, no stage-1 alignment (LLaVA §5.2's 'skip pre-training')")
     p.set_defaults(**{**DEFAULTS, **STAGE.get(known.stage, {}), **(LORA if known.lora else {})})
     return p.parse_args(argv)
 
@@ -181,14 +193,16 @@ def check_inputs(args, world):
     if args.global_batch % per_step:
         raise ValueError(f"--global-batch {args.global_batch} is not divisible by --micro-batch {args.micro_batch} "
                          f"x {world} ranks = {per_step}; change one of them")
-    if args.stage == 1 and (args.train_vision_tower or args.lora or args.template != "plain"):
-        raise ValueError("--train-vision-tower, --lora and --template are stage-2 options (stage 1 trains the "
-                         "projector only, on captions in the plain template)")
+    if args.stage == 1 and (args.train_vision_tower or args.lora or args.template != "plain" or args.skip_stage1):
+        raise ValueError("--train-vision-tower, --lora, --template and --skip-stage1 are stage-2 options (stage 1 "
+                         "trains the projector only, on captions in the plain template)")
+    if args.image_grid_pinpoints and args.image_mode != "anyres":
+        raise ValueError(f"--image-grid-pinpoints is AnyRes's: it needs --image-mode anyres (not {args.image_mode})")
     if args.stage == 2 and args.template == "plain":
         raise ValueError("--template plain is stage 1's (captions); stage 2 trains on conversations")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no GPU")
-    if args.stage == 2:
+    if args.stage == 2 and not args.skip_stage1:
         stage1_projector(args.stage1_out)
     find_tokenizer(args)
 
@@ -236,7 +250,8 @@ def run_config(args):
     FSDP engine: they do not change the training."""
     keys = ("stage", "vision_tower", "llm", "data", "global_batch", "max_length", "lr", "projector_lr",
             "train_vision_tower", "vision_lr", "lora", "lora_r", "lora_alpha", "seed", "schedule_steps",
-            "epochs", "warmup_ratio", "group_by_length", "template", "image_mode", "dtype")
+            "epochs", "warmup_ratio", "group_by_length", "template", "image_mode", "dtype", "projector_type",
+            "image_grid_pinpoints", "image_pooling", "skip_stage1")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -267,9 +282,12 @@ def build_model(args, tok, device):
     tower with --train-vision-tower."""
     # the exported model's template and image mode are stage 2's (stage 1 saves the projector alone)
     model = load_from_parts(args.vision_tower, args.llm, device=device, image_token_id=tok.image_token_id,
-                            projector=stage1_projector(args.stage1_out) if args.stage == 2 else None,
+                            projector=stage1_projector(args.stage1_out) if args.stage == 2 and not args.skip_stage1
+                            else None,
                             template=STAGE[2]["template"] if args.stage == 1 else args.template,
-                            image_aspect_ratio="pad" if args.stage == 1 else args.image_mode)
+                            image_aspect_ratio="pad" if args.stage == 1 else args.image_mode,
+                            projector_type=args.projector_type, image_grid_pinpoints=args.image_grid_pinpoints,
+                            image_pooling=args.image_pooling)
     for name, p in model.named_parameters():
         group = param_group(name)
         p.requires_grad_(group == "projector" or (args.stage == 2 and group == "llm" and not args.lora)
@@ -531,7 +549,7 @@ def run(args):
     config = run_config(args)
     try:                                                 # bad input fails here, before any work
         check_inputs(args, world)
-        resume = train_checkpoint.find(args.out, config) if args.resume else None
+        resume = train_checkpoint.find(args.out, config, DEFAULTS) if args.resume else None
     except (FileNotFoundError, ValueError) as e:
         raise BadInput(str(e)) from e
 

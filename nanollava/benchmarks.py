@@ -15,6 +15,7 @@ sees, its ground truth, its score and the file its test server takes (docs/eval.
   docvqa     val_v1.0.json (DocVQA)                      SHORT             ANLS              RRC json
   infovqa    infographicsVQA_val_v1.0_withQT.json        SHORT             ANLS              RRC json
   toy        data/toy/eval_questions.jsonl (data_prep)   (as written)      accuracy, yes/no
+  shapes     data/shapes/eval_questions.jsonl (data_prep) (as written)     accuracy per kind, long-form share
 
 The LLaVA jsonl files of LLaVA's eval.zip already end with their benchmark's line; for the
 others the prompt is built as LLaVA's model_vqa_science.py / model_vqa_mmbench.py
@@ -39,9 +40,10 @@ CHARTQA = "Answer the question with a single word."                     # lmms-e
 PROMPTS = {"vqav2": SHORT_ANSWER, "vizwiz": VIZWIZ, "textvqa": SHORT_ANSWER, "gqa": SHORT_ANSWER,
            "pope": SHORT_ANSWER, "mme": SHORT_ANSWER, "seed": MULTIPLE_CHOICE, "scienceqa": MULTIPLE_CHOICE,
            "mmbench": MULTIPLE_CHOICE, "chartqa": CHARTQA, "docvqa": SHORT_ANSWER, "infovqa": SHORT_ANSWER,
-           "toy": None}
+           "toy": None, "shapes": None}
 BENCHMARKS = list(PROMPTS)
 # LLaVA's max_new_tokens (model_vqa_loader 128; _science and _mmbench 1024), lmms-eval's for the last three
+TOY_GT = {"toy": "data/toy/eval_answers.jsonl", "shapes": "data/shapes/eval_answers.jsonl"}   # data_prep.py
 MAX_NEW_TOKENS = {"scienceqa": 1024, "mmbench": 1024, "chartqa": 16, "docvqa": 32, "infovqa": 32}
 
 
@@ -454,11 +456,56 @@ def score_toy(answers, gt_path="data/toy/eval_answers.jsonl", answers_path="answ
     return out
 
 
+LONG_WORDS = 6          # shapes: a long-form answer has at least this many words
+OTHER_OPTION = {"left": "right", "right": "left", "above": "below", "below": "above", "big": "small", "small": "big"}
+
+
+def score_shapes(answers, gt_path="data/shapes/eval_answers.jsonl", answers_path="answers"):
+    """The shapes benchmark (nanollava/shapes.py; data_prep.py --benchmark shapes): exact match after
+    VQA normalisation per kind of short question ("color/acc" ... "exist/acc"), over all of them
+    ("short/acc"), over the detail kind ("detail/acc": digit) and the coarse ones ("coarse/acc");
+    POPE F1 over exist. Long-form requests: the share of answers of at least LONG_WORDS words
+    ("conv/long", "describe/long"), and whether a conversational answer's first sentence holds the
+    short answer ("conv/acc"). answers: records or a path."""
+    from nanollava.shapes import KINDS
+    if not isinstance(answers, list):
+        answers, answers_path = read_answers(answers), answers
+    gts = {g["question_id"]: g for g in read_jsonl(gt_path, "shapes ground truth")}
+    _check_ids(answers, gts, "shapes", answers_path)
+    texts, by_kind = _texts(answers), {}
+    for q, g in gts.items():                 # every ground-truth question: no record counts as wrong
+        t = texts.get(q)
+        by_kind.setdefault(g["category"], []).append((t or "", g["answer"], t is None))
+    out = {"n": len(gts), **_failures(answers, unanswered=len(set(gts) - set(texts)))}
+
+    def acc(rows):
+        return 100 * sum(not failed and metrics.exact_match(t, a) for t, a, failed in rows) / len(rows)
+    groups = {"short": KINDS, "detail": ("digit",), "coarse": tuple(k for k in KINDS if k != "digit")}
+    for group, kinds in groups.items():
+        rows = [r for k in kinds for r in by_kind.get(k, [])]
+        if rows:
+            out[f"{group}/acc"] = acc(rows)
+    out.update({f"{kind}/acc": acc(by_kind[kind]) for kind in KINDS if kind in by_kind})
+    if "exist" in by_kind:
+        out["exist/f1"] = 100 * metrics.pope([None if f else t for t, _, f in by_kind["exist"]],
+                                             [a for _, a, _ in by_kind["exist"]])["f1"]
+    for kind in ("conv", "describe"):
+        if kind in by_kind:
+            out[f"{kind}/long"] = 100 * sum(len(t.split()) >= LONG_WORDS for t, _, _ in by_kind[kind]) / len(by_kind[kind])
+    if "conv" in by_kind:                    # the answer, and not the other option the question offered
+        def says(t, a):
+            words = metrics.normalize_vqa_answer(t.split(".")[0]).split()
+            return a in words and OTHER_OPTION.get(a) not in words
+        out["conv/acc"] = 100 * sum(says(t, a) for t, a, _ in by_kind["conv"]) / len(by_kind["conv"])
+    return out
+
+
 SCORERS = {"pope": score_pope, "vqav2": score_vqav2, "vizwiz": score_vizwiz, "textvqa": score_textvqa,
            "gqa": score_gqa, "scienceqa": score_scienceqa, "mme": score_mme, "seed": score_seed,
            "mmbench": score_mmbench, "chartqa": score_chartqa, "docvqa": score_anls("docvqa"),
            "infovqa": score_anls("infovqa"),
-           "toy": lambda answers, questions, gt, path: score_toy(answers, gt or "data/toy/eval_answers.jsonl", path)}
+           "toy": lambda answers, questions, gt, path: score_toy(answers, gt or TOY_GT["toy"], path),
+           "shapes": lambda answers, questions, gt, path: score_shapes(answers, gt or TOY_GT["shapes"], path)}
 
 
 # -----------------------------------------------------------------------------
@@ -488,6 +535,6 @@ def score(benchmark, answers, questions=None, annotations=None, answers_path="an
     if benchmark in ("vqav2", "vizwiz") and annotations is None or \
             benchmark in ("docvqa", "infovqa") and questions and all(not q.get("answers") for q in questions):
         return {"n": len(answers), **_failures(answers)}
-    if benchmark not in ("toy", "pope", "mmbench", "chartqa", "docvqa", "infovqa"):
+    if benchmark not in ("toy", "shapes", "pope", "mmbench", "chartqa", "docvqa", "infovqa"):
         _need(annotations, benchmark, "--annotations", "the benchmark's ground truth")
     return SCORERS[benchmark](answers, questions, annotations, answers_path)

@@ -598,6 +598,9 @@ def load_from_parts(clip_dir, llm_dir, projector=None, dtype=torch.float32, devi
     # default image placeholder: one past the vocabulary (as llava-hf's 32000), never a real token
     config = LLaVAConfig(vision=vision, text=text, image_token_id=text.vocab_size, image_aspect_ratio=mode,
                          image_mean=mean, image_std=std, **VISION_TOWER_DEFAULTS[vision.model_type]["features"])
+    if isinstance(config_overrides.get("image_grid_pinpoints"), str):       # "(1x1),(2x2)" or "[[h, w], ...]"
+        config_overrides["image_grid_pinpoints"] = parse_pinpoints(config_overrides["image_grid_pinpoints"],
+                                                                   vision.image_size, "image_grid_pinpoints")
     config = check_config(LLaVAConfig(**{**config.__dict__, **config_overrides}), "load_from_parts")
     _untie_if_file_has_lm_head(config, [llm_dir])
     model = load_weights(build(config), [clip_dir, llm_dir], dtype, device,

@@ -129,10 +129,12 @@ def check(ckpt_dir):
     return meta
 
 
-def find(out, config):
+def find(out, config, defaults=None):
     """(directory, meta) of the checkpoint --resume continues from, checked against this run's
     config before any work: OUT/ckpt/latest, or the newest older complete one when a file of the
-    latest is damaged (with a warning). Every rank reads the same files and makes the same choice."""
+    latest is damaged (with a warning). Every rank reads the same files and makes the same choice.
+    defaults: what a key the checkpoint predates meant (train.py's DEFAULTS)."""
+    defaults = defaults or {}
     ckpt = os.path.join(out, "ckpt")
     latest = os.path.join(ckpt, "latest")
     if not os.path.isfile(latest):
@@ -149,7 +151,8 @@ def find(out, config):
             continue
         if problems and int(os.environ.get("RANK", "0")) == 0:
             print(f"warning: --resume: {problems[0]}; falling back to {os.path.join(ckpt, d)}", file=sys.stderr)
-        diff = {k: (meta["config"].get(k), v) for k, v in config.items() if meta["config"].get(k) != v}
+        saved = {k: meta["config"].get(k, defaults.get(k)) for k in config}
+        diff = {k: (saved[k], v) for k, v in config.items() if saved[k] != v}
         if diff:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"--resume: the checkpoint in {os.path.join(ckpt, d)} is from another "

@@ -7,6 +7,7 @@ The data is data_prep's toy restricted to a few easy-vqa images; the CLIP tower 
 are tiny random transformers models saved in the HF layouts train.py reads.
 """
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -154,6 +155,20 @@ def test_bad_inputs_fail_before_any_work(parts, stage1, tmp_path):
         train.main(args_for(parts, 1, tmp_path / "c") + ["--global-batch", "6", "--micro-batch", "4"])
     with pytest.raises(train.BadInput, match="lr: checkpoint 0.001 vs now 0.5"):
         train.main(args_for(parts, 1, stage1, "--resume", "--lr", "0.5"))
+    with pytest.raises(train.BadInput, match="stage-2 options"):
+        train.main(args_for(parts, 1, tmp_path / "e", "--skip-stage1"))
+    with pytest.raises(train.BadInput, match="needs --image-mode anyres"):
+        train.main(args_for(parts, 2, tmp_path / "f", "--stage1-out", str(stage1), "--image-grid-pinpoints", "(1x1)"))
+    # a checkpoint from before a run-config key existed reads as that key's default, not as a change
+    old = tmp_path / "old"
+    shutil.copytree(stage1, old, ignore=shutil.ignore_patterns("train.lock"))
+    meta_path = old / "ckpt" / open(old / "ckpt" / "latest").read() / "meta.json"
+    meta = json.load(open(meta_path))
+    for key in ("projector_type", "image_grid_pinpoints", "image_pooling", "skip_stage1"):
+        del meta["config"][key]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(train.BadInput, match=r"configuration \(lr: checkpoint 0.001 vs now 0.5\)$"):
+        train.main(args_for(parts, 1, old, "--resume", "--lr", "0.5"))
     # from the command line: one readable line, no traceback
     r = subprocess.run([sys.executable, "train.py", *args_for(parts, 1, tmp_path / "d"), "--global-batch", "6",
                         "--micro-batch", "4"], cwd=ROOT, capture_output=True, text=True)
