@@ -460,7 +460,7 @@ LONG_WORDS = 6          # shapes: a long-form answer has at least this many word
 OTHER_OPTION = {"left": "right", "right": "left", "above": "below", "below": "above", "big": "small", "small": "big"}
 
 
-def score_shapes(answers, gt_path="data/shapes/eval_answers.jsonl", answers_path="answers"):
+def score_shapes(answers, gt_path=TOY_GT["shapes"], answers_path="answers"):
     """The shapes benchmark (nanollava/shapes.py; data_prep.py --benchmark shapes): exact match after
     VQA normalisation per kind of short question ("color/acc" ... "exist/acc"), over all of them
     ("short/acc"), over the detail kind ("detail/acc": digit) and the coarse ones ("coarse/acc");

@@ -38,7 +38,6 @@ VISION_LARGE = dict(VISION, hidden_size=96, intermediate_size=384, num_hidden_la
 TEXT_LARGE = dict(TEXT, num_hidden_layers=6)
 
 SHAPES_DATA_DIR = "data/shapes"  # data_prep.py --benchmark shapes
-SHAPES_OUT_DIR = "out/shapes"    # pretrain_toy.py --data data/shapes: OUT/{small,large}/{clip,llama}
 SHAPES_IMAGE_SIZE = 48           # the tower's tile: half the scenes' 96 px
 
 # pretrain_toy.py (toy only): optimizer steps, batch, peak lr (AdamW, warmup + cosine)
