@@ -1,7 +1,7 @@
 """
 The whole LLaVA life cycle on the toy, in one command (nanochat "speedrun" style, CPU).
 
-    python pipeline.py                    # 8.4 min measured on 2 CPU cores: data -> pretrain -> stage 1 -> stage 2 -> eval
+    python pipeline.py                    # 7.0 min measured on 2 CPU cores: data -> pretrain -> stage 1 -> stage 2 -> eval
     python pipeline.py --fast             # a shortened run (300 images, tiny step counts, 32 eval questions): the test
     python pipeline.py --seed 1 --out out/toy_seed1
 
