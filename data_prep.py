@@ -43,6 +43,8 @@ nanollava/shapes.py instead, from --seed alone (a few seconds; ablate.py's data)
                                     requests ("conv", "describe"); answers carry the scene
   stage2_noprompt.json, eval_questions_noprompt.jsonl   the same without the format prompt
   tokenizer.json                    BPE on the train text, as the toy's
+  build.json                        the seed and sizes it was built with (ablate.py checks them)
+Val and test leave out every scene whose layout (all but the digits) a train scene has.
 """
 import argparse
 import json
