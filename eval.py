@@ -331,21 +331,12 @@ def main(argv=None):
 
     if args.model:
         import torch
-        from nanollava import LLaVA
-        from nanollava.tokenizer import Tokenizer
+        import sample                                    # here: scoring-only eval.py runs without torch
         if not questions:
             p.error("--model needs --questions")
         torch.manual_seed(args.seed)
-        tok_path = Path(args.tokenizer or Path(args.model) / "tokenizer.json")
-        if not tok_path.is_file():
-            raise FileNotFoundError(f"tokenizer {tok_path} not found (pass --tokenizer)")
-        model = LLaVA.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,
-                                      template=args.template)
-        if model.config.template is None:
-            raise ValueError(f"{args.model} does not say which conversation template it uses (no chat template in "
-                             f"its tokenizer files); pass --template")
-        print(f"template: {model.config.template}" + (" (--template)" if args.template else " (from the checkpoint)"))
-        tok = Tokenizer.from_file(str(tok_path), image_token_id=model.config.image_token_id)
+        model, tok = sample.load(args.model, args.tokenizer, args.device, args.dtype, args.template)
+        tok_path = Path(args.tokenizer or Path(args.model) / "tokenizer.json")      # sample.load read it
         context = model.config.text.context_length
         if args.max_new_tokens >= context:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "

@@ -239,7 +239,7 @@ def test_sample_and_eval_say_which_template_and_refuse_without_one(saved, tmp_pa
     open(os.path.join(d, "chat_template.jinja"), "w").write("USER: {{ x }} ASSISTANT:")
     eval_script.cli(["--model", d, "--questions", str(q), "--answers", str(tmp_path / "a.jsonl"),
                      "--max-new-tokens", "2"])
-    assert "template: vicuna_v1 (from the checkpoint)" in capsys.readouterr().out
+    assert "template: vicuna_v1 (from the checkpoint)" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- padding stays inside the embedding
