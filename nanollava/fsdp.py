@@ -17,8 +17,9 @@ FSDP, step by step:
   the shards (what the optimizer steps) and the frozen weights, which stay whole on every rank,
   in the compute dtype, with no gradient and no optimizer state.
 - Forward: a pre-hook all-gathers a unit's flat (in param_dtype) and points its weights at views
-  of it; a post-hook frees it. The root is gathered at every forward of the model and kept: it is
-  used at both ends (embeddings first, lm_head last), so it is small enough to keep.
+  of it; a post-hook frees it. The root is gathered at the first forward after its shards changed
+  (the start, each step's reduce_grads()) and kept: it is used at both ends (embeddings first,
+  lm_head last), and it is small enough to keep.
 - Backward: a hook on the unit's outputs gathers it again (autograd saved views of the buffer);
   once autograd has accumulated the flat's gradient, it is reduce-scattered (averaged over ranks)
   into shard.grad and the flat is freed.
@@ -160,6 +161,7 @@ class FSDP:
 
         mod_name = {m: n for n, m in model.named_modules()}
         self.root = Unit("", model)
+        self.root_stale = True                               # its gathered weights are not the shards'
         self.units = [Unit(mod_name[m], m) for m in units] + [self.root]
         unit_of = {u.module: u for u in self.units}
 
@@ -216,10 +218,13 @@ class FSDP:
 
     # ---- hooks ---------------------------------------------------------------------------
     def _gather_root(self):
-        """Every forward of the model: the root's current weights (the shards change at each step)."""
+        """Every forward of the model: the root's weights, gathered again only once the shards changed
+        (the micro-batches of a step share them); its views follow the grad mode."""
         for flat in self.root.flats:
-            flat.gather()
+            if self.root_stale:
+                flat.gather()
             flat.set_views()
+        self.root_stale = False
 
     def _gather(self, flat):
         if not flat.is_gathered():
@@ -272,6 +277,7 @@ class FSDP:
             flat.grad_sum = None
         for unit in self.units:
             unit.in_backward = False
+        self.root_stale = True                             # optimizer.step() is about to change the shards
 
     # ---- checkpoints and export ----------------------------------------------------------
     def pieces(self):

@@ -264,6 +264,32 @@ def test_flat_views_backward_is_one_split_not_a_zero_buffer_per_weight():
         dist.destroy_process_group()
 
 
+def test_the_root_is_gathered_once_per_step_not_per_micro_batch():
+    """The micro-batches of a step share the root's gathered weights; after the step's
+    reduce_grads() and optimizer.step() the next forward gathers the new ones."""
+    init(0, 1, None)
+    try:
+        model = make_model()
+        fsdp = FSDP(model, units=list(model.blocks), group_fn=group_fn)
+        opt = optimizer_of(model, LRS, group_fn)
+        gathers = []
+        for flat in fsdp.root.flats:
+            flat.gather = lambda f=flat, g=flat.gather: (gathers.append(f.group), g())
+        ids, targets = batches()[0]
+        for step in range(2):
+            for m in range(3):                                   # 3 micro-batches
+                model(ids[m::3], targets[m::3]).backward()
+            assert len(gathers) == (step + 1) * len(fsdp.root.flats)
+            fsdp.reduce_grads()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        flat = fsdp.root.flats[0]
+        model(ids, targets)                                      # the weights the last step wrote
+        assert torch.equal(flat.flat.detach().float(), torch.cat([flat.shard.detach()]))
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- data-dependent paths: text-only micro-batches, a first forward that skips the tower ----
 
 class ToyVLM(nn.Module):
