@@ -373,12 +373,17 @@ def data_steps(dataset, lengths, args, rank, world, position, pad_id):
 
 # ---- save: the trained model, whole --------------------------------------------------------
 
-def full_state_dict(model, fsdp):
-    """Every weight whole, fp32, on CPU, on every rank (all ranks take part in the gathers)."""
+def full_state_dict(model, fsdp, keep=True):
+    """Every weight whole, fp32, on CPU (all ranks take part in the gathers; only where keep, one
+    copy is held: not 8 copies of a 7B model's weights in host memory)."""
     if fsdp is not None:
-        sd = fsdp.full_state_dict()
+        sd = fsdp.full_state_dict(keep)
     else:
-        sd = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
+        sd = {}
+        for n, p in model.named_parameters():
+            t = p.full_tensor() if isinstance(p, DTensor) else p      # a collective: every rank
+            if keep:
+                sd[n] = t
     return {n: t.detach().float().cpu() for n, t in sd.items()}
 
 
@@ -386,7 +391,7 @@ def export(model, fsdp, args, master_process):
     """Stage 1: the projector (safetensors and the original's .bin); stage 2: OUT/final in the
     llava-hf layout, LoRA adapters merged in (and OUT/adapters.safetensors: the adapters and the
     projector alone)."""
-    sd = full_state_dict(model, fsdp)
+    sd = full_state_dict(model, fsdp, keep=master_process)
     if not master_process:
         return
     plain = build(model.config)                          # the unsharded model, on the meta device

@@ -294,15 +294,18 @@ class FSDP:
         return out
 
     @torch.no_grad()
-    def full_state_dict(self):
-        """Every weight whole, on CPU, on every rank (all ranks take part): the trainable ones
-        gathered from the fp32 shards, the frozen ones as they are."""
+    def full_state_dict(self, keep=True):
+        """Every weight whole, on CPU (all ranks take part): the trainable ones gathered from the
+        fp32 shards, the frozen ones as they are. keep=False: take part in the gathers, hold nothing."""
         sd = {}
         for f in self.flats:
             full = torch.empty(f.padded, dtype=torch.float32, device=self.device)
             _all_gather(full, f.shard.detach())
             for name, off, n, shape in zip(f.names, f.offsets, f.numels, f.shapes):
-                sd[name] = full[off:off + n].view(shape).cpu().clone()
+                if keep:
+                    sd[name] = full[off:off + n].view(shape).cpu().clone()
+        if not keep:                                       # a rank that only takes part in the gathers
+            return sd
         shards = {id(f.shard) for f in self.flats}
         for name, p in self.model.named_parameters():
             if id(p) not in shards:

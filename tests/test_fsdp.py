@@ -144,7 +144,8 @@ def run_fsdp(rank, world, cls, checkpointing, micro_batches, device="cpu"):
     model.eval()
     with torch.no_grad():
         eval_loss = model(*batches(device)[0]).item()
-    return {"losses": losses, "state": fsdp.full_state_dict(), "bytes": local_bytes(params, opt),
+    return {"losses": losses, "state": fsdp.full_state_dict(), "kept": fsdp.full_state_dict(keep=False),
+            "bytes": local_bytes(params, opt),
             "eval_loss": eval_loss, "n_opt_params": sum(len(g["params"]) for g in opt.param_groups),
             "n_opt_state": len(opt.state), "flat_units": sorted({f.unit.name for f in fsdp.flats}),
             "trainable": sorted(n for f in fsdp.flats for n in f.names),
@@ -207,6 +208,7 @@ def _check_against_reference(world, ref, device="cpu"):
                 torch.testing.assert_close(r["state"][k], v, rtol=1e-5, atol=1e-6,
                                            msg=f"{k} differs after training: {scenario} rank {rank}")
             assert abs(r["eval_loss"] - ref_eval) < 1e-5, f"no_grad forward differs: {scenario}"
+            assert r["kept"] == {}, "keep=False joins the gathers and holds no copy"
             # the ranks' checkpoint pieces tile every trainable weight exactly
             for k in r["trainable"]:
                 got = torch.full((r["state"][k].numel(),), float("nan"))
