@@ -53,7 +53,7 @@ import warnings
 from pathlib import Path
 
 from nanollava import benchmarks, files
-from nanollava.benchmarks import check_ids, read_answers, read_jsonl, read_questions, score_toy  # noqa: F401
+from nanollava.benchmarks import read_answers, read_questions
 from nanollava.cli import DTYPES, device, positive_int
 
 # LLaVA-1.5-7B, Table 4 of "Improved Baselines with Visual Instruction Tuning"

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 
-from nanollava import plots, toy
+from nanollava import benchmarks, plots, toy
 
 # toy overrides of train.py's LLaVA-1.5 defaults (documented in the module docstring / docs/results.md)
 TOY_TRAIN = {
@@ -220,8 +220,7 @@ def main(argv=None):
 
 def score(answers, gt):
     """eval.py's toy scorer, as numbers for the table."""
-    import importlib
-    return importlib.import_module("eval").score_toy(answers, gt)
+    return benchmarks.score_toy(answers, gt)
 
 
 ROWS = [("pretrained only (no visual training)", "pretrained", "pretrain"),

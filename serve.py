@@ -59,9 +59,9 @@ class Cancelled(Exception):
 class Worker(threading.Thread):
     """Owns the model and answers jobs one at a time, in the order they came."""
 
-    def __init__(self, model, tok, device):
+    def __init__(self, model, tok):
         super().__init__(daemon=True)
-        self.model, self.tok, self.device = model, tok, device
+        self.model, self.tok = model, tok
         self.jobs, self.busy = queue.Queue(), False
 
     def run(self):
@@ -171,7 +171,7 @@ def make_app(model, tok, name="model", device="cpu", max_body=20 << 20):
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="nanollava")
-    worker = Worker(model, tok, device)
+    worker = Worker(model, tok)
     worker.start()
     app.state.worker = worker
 

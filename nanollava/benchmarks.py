@@ -236,8 +236,8 @@ def _need(value, benchmark, flag, what):
     return value
 
 
-def _mean(scores, key, answers, extra=None):
-    return {key: 100 * sum(scores) / len(scores), "n": len(scores), **(extra or {}), **_failures(answers)}
+def _mean(scores, key, answers):
+    return {key: 100 * sum(scores) / len(scores), "n": len(scores), **_failures(answers)}
 
 
 def score_pope(answers, questions, annotations, answers_path="answers"):

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanollava import benchmarks
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -130,7 +132,7 @@ def test_missing_or_broken_image_gives_error_record_and_run_continues(toy, tmp_p
     assert [r["question_id"] for r in recs] == [0, 1, 2]
     assert "error" not in recs[0]
     assert "does_not_exist.png" in recs[1]["error"] and "broken.png" in recs[2]["error"]
-    scores = eval_script.score_toy(tmp_path / "a.jsonl", toy / "gt.jsonl")
+    scores = benchmarks.score_toy(tmp_path / "a.jsonl", toy / "gt.jsonl")
     assert scores["failed"] == 2 and scores["missing"] == 0 and scores["n"] == 3
     scores = eval_script.main(["--benchmark", "toy", "--answers", str(tmp_path / "a.jsonl"), "--questions",
                                str(toy / "questions.jsonl"), "--annotations", str(toy / "gt.jsonl")])
@@ -143,7 +145,7 @@ def test_answer_file_for_another_benchmark_is_rejected(toy, tmp_path):
     wrong.write_text("".join(json.dumps(dict(question_id=q, prompt="Is there a dog?", text="Yes", answer_id="x",
                                              model_id="m", metadata={})) + "\n" for q in (20000001, 20000002)))
     with pytest.raises(ValueError, match="another benchmark"):
-        eval_script.score_toy(wrong, toy / "gt.jsonl")
+        benchmarks.score_toy(wrong, toy / "gt.jsonl")
     with pytest.raises(SystemExit) as exit_info:  # the command line: one clear line, no stack trace
         eval_script.cli(["--benchmark", "toy", "--answers", str(wrong), "--annotations", str(toy / "gt.jsonl")])
     assert str(exit_info.value.code).startswith("eval.py: error:") and "another benchmark" in str(exit_info.value.code)
@@ -194,7 +196,7 @@ def test_score_toy_hand_worked(toy, tmp_path):
     answers = tmp_path / "a.jsonl"
     answers.write_text("".join(json.dumps(dict(question_id=g["question_id"], prompt="", text=t, answer_id="x",
                                                model_id="m", metadata={})) + "\n" for g, t in zip(gts, texts)))
-    s = eval_script.score_toy(answers, toy / "gt.jsonl")
+    s = benchmarks.score_toy(answers, toy / "gt.jsonl")
     yn_gold = [g["answer"] for g in gts[3:]]
     yn_right = sum(p.lower() == g for p, g in zip(["yes", "yes", "no"], yn_gold))
     assert s["open/acc"] == pytest.approx(100 * 2 / 3)
