@@ -30,6 +30,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import queue
 import threading
 from pathlib import Path
@@ -98,8 +99,8 @@ class Job:
 
 def _number(req, key, kind, ok, what):
     value = req.get(key, DEFAULTS[key])
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and value != int(value) \
-            or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or kind is int and value != int(value) or not ok(value):      # json.loads takes Infinity, NaN
         raise BadRequest(400, f"{key} must be {what}, got {value!r:.40}")
     return kind(value)
 

@@ -93,6 +93,8 @@ def test_multi_turn_keeps_the_images(client, png, monkeypatch):
     ("roles out of order", 400, "roles alternate, starting with the user"),
     ("max_new_tokens past the context", 400, "max_new_tokens must be an integer in [1, 256)"),
     ("<image> in the text", 400, "'<image>' in the text"),
+    ("temperature Infinity", 400, "temperature must be a number >= 0, got inf"),
+    ("top_k Infinity", 400, "top_k must be an integer >= 0, got inf"),
 ])
 def test_bad_input_is_a_clear_http_error_and_the_server_stays_up(client, png, tmp_path, case, status, message):
     from test_data import png_header
@@ -107,7 +109,11 @@ def test_bad_input_is_a_clear_http_error_and_the_server_stays_up(client, png, tm
            "roles out of order": lambda: client.post("/chat", json={"messages": [{"role": "assistant", "content": "x"}]}),
            "max_new_tokens past the context": lambda: client.post(
                "/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 256}),
-           "<image> in the text": lambda: _ask(client, ["what is <image> this"], [png])}[case]
+           "<image> in the text": lambda: _ask(client, ["what is <image> this"], [png]),
+           "temperature Infinity": lambda: client.post(      # Python's json takes it, JSON does not
+               "/chat", content=b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}'),
+           "top_k Infinity": lambda: client.post(
+               "/chat", content=b'{"messages": [{"role": "user", "content": "hi"}], "top_k": Infinity}')}[case]
     r = ask()
     assert r.status_code == status and message in r.json()["detail"], (r.status_code, r.text)
     assert _events(_ask(client, ["What shape is it?"], [png]))[-1]["done"], "the server still answers"
