@@ -34,6 +34,7 @@ from pathlib import Path
 
 from nanollava import metrics
 from nanollava.conversation import MULTIPLE_CHOICE, SHORT_ANSWER
+from nanollava.files import read_json
 
 VIZWIZ = "When the provided information is insufficient, respond with 'Unanswerable'.\n" + SHORT_ANSWER
 CHARTQA = "Answer the question with a single word."                     # lmms-eval's chartqa task
@@ -93,18 +94,6 @@ def read_answers(path):
         if not isinstance(a.get("text"), str):
             raise ValueError(f"answer file {path}, record {i}: no string 'text' (LLaVA answer format)")
     return answers
-
-
-def read_json(path, what):
-    """A JSON file; a missing or malformed one is one line naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ValueError(f"{what} {path}: not valid JSON ({e})") from None
 
 
 def _field(rec, key, path, i):

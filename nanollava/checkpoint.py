@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from nanollava import anyres
 from nanollava.config import CLIP_MEAN, CLIP_STD, LLaVAConfig, TextConfig, VisionConfig
 from nanollava.conversation import TEMPLATES
+from nanollava.files import read_json
 from nanollava.llava import PROJECTOR_TYPES, VISION_TOWERS, LLaVA, pinpoints
 
 # ----------------------------------------------------------------------------- tables
@@ -155,14 +156,6 @@ def rename_key(key):
 
 
 # ----------------------------------------------------------------------------- reading files
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
 
 def weight_files(directory):
     """The weight files of a checkpoint directory: single file or the shards an index names."""

@@ -33,6 +33,7 @@ from PIL import Image
 
 from nanollava import conversation, image
 from nanollava.conversation import IGNORE_INDEX, IMAGE_TAG
+from nanollava.files import read_json
 
 MAX_IMAGE_PIXELS = 8192 * 8192    # 64 M pixels: 192 MiB as RGB
 MAX_ASPECT_RATIO = 50             # long side / short side
@@ -72,11 +73,7 @@ def load_json(path):
 
 def load_json_object(path):
     """A small JSON object file (an index, a checkpoint's meta.json); errors name the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ValueError(f"{path}: not a valid JSON file ({type(e).__name__}: {e})") from None
+    obj = read_json(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj

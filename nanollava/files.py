@@ -1,4 +1,5 @@
-"""Crash-safe output files: a file nanollava writes is either complete or untouched.
+"""Crash-safe output files (a file nanollava writes is either complete or untouched), and the one
+JSON reader for the files it reads back.
 
   atomic_write(path)   write PATH.tmp, flush, fsync, rename it over PATH, fsync the directory.
                        On any error (a full disk, a kill between the steps) PATH keeps its old
@@ -8,10 +9,12 @@
                        ends in a torn line of ours (readers still drop one a kill -9 leaves).
   locked(directory)    an exclusive flock on DIR/<name>.lock for the whole run, so a second run
                        with the same output directory stops with a clear error.
+  read_json(path)      a JSON file read back; missing or malformed is one line naming it.
 
 Errors while writing are a WriteError (an OSError) that names the file.
 """
 import fcntl
+import json
 import os
 import socket
 from contextlib import contextmanager
@@ -97,3 +100,15 @@ def locked(directory, name="train.lock"):
         yield path
     finally:
         f.close()                                        # closing releases the flock
+
+
+def read_json(path, what="file"):
+    """A JSON file nanollava reads (a config, an index, a meta.json, a benchmark's file); a missing
+    or malformed one is one line naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{what} {path}: not valid JSON ({e})") from None

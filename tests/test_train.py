@@ -456,7 +456,7 @@ def test_damaged_latest_checkpoint_falls_back_or_names_the_file(parts, stage1, t
     train.main(args_for(parts, 2, only, *common, "--max-steps", "1"))
     meta = only / "ckpt" / "step_0000001" / "meta.json"
     meta.write_text('{"step": 1, "data": ')
-    with pytest.raises(train.BadInput, match=rf"{meta}: not a valid JSON file .*no older complete checkpoint"):
+    with pytest.raises(train.BadInput, match=rf"{meta}: not valid JSON .*no older complete checkpoint"):
         train.main(args_for(parts, 2, only, *common, "--max-steps", "2", "--resume"))
 
 
