@@ -331,7 +331,7 @@ def main(argv=None):
 
     if args.model:
         import torch
-        import sample                                    # here: scoring-only eval.py runs without torch
+        import sample                                    # here: sample.py imports this module at its top
         if not questions:
             p.error("--model needs --questions")
         torch.manual_seed(args.seed)
